@@ -1,0 +1,225 @@
+"""Command line -> Config, with Go `flag` syntax so dockerd can run pyproxy as docker-proxy.
+
+`-flag value`, `-flag=value` and `--flag value` all work; booleans are `-b` or `-b=true`.
+`-h` prints usage and exits 0; a bad flag or value exits 2 naming it. No networking here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any, NoReturn
+
+from proxy import __version__
+from proxy.config import (
+    PROTOCOLS,
+    Config,
+    Mapping,
+    PortRange,
+    expand_ranges,
+    parse_cidr,
+    parse_duration,
+    parse_ip,
+    parse_publish,
+)
+from proxy.statuspipe import StatusPipe
+
+USAGE_EXIT = 2
+
+
+class UsageError(Exception):
+    """A command line that cannot be served; the text names the flag."""
+
+
+def _flag_type(parse: Callable[[str], Any], name: str) -> Callable[[str], Any]:
+    """argparse reports a type's ValueError generically; ArgumentTypeError keeps our message."""
+
+    def convert(text: str) -> Any:
+        try:
+            return parse(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(f"invalid value {text!r}: {exc}") from None
+
+    convert.__name__ = name
+    return convert
+
+
+def _parse_bool(text: str) -> bool:
+    # Go's strconv.ParseBool
+    if text in ("1", "t", "T", "true", "TRUE", "True"):
+        return True
+    if text in ("0", "f", "F", "false", "FALSE", "False"):
+        return False
+    raise ValueError("not a boolean (true or false)")
+
+
+def _parse_count(text: str) -> int:
+    if not text.isdigit():
+        raise ValueError("not a non-negative whole number")
+    return int(text)
+
+
+def _parse_proxy_protocol(text: str) -> int:
+    versions = {"v1": 1, "1": 1, "v2": 2, "2": 2}
+    if text not in versions:
+        raise ValueError("must be v1 or v2")
+    return versions[text]
+
+
+def _parse_metrics_addr(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) <= 65535:
+        raise ValueError("must be HOST:PORT, for example 127.0.0.1:9100")
+    if not host:
+        # Metrics reveal traffic: a bare ":PORT" would serve them on every address.
+        raise ValueError(
+            "no host given, which would serve metrics on every address; "
+            "write 127.0.0.1:PORT, or 0.0.0.0:PORT if you mean it"
+        )
+    return str(parse_ip(host)), int(port)
+
+
+def _parse_choice(*choices: str) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        if text not in choices:
+            raise ValueError("must be one of " + ", ".join(choices))
+        return text
+
+    return parse
+
+
+class _GoParser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _GoParser(
+        prog="pyproxy",
+        description="Publish a port: relay TCP connections or UDP flows from a host address "
+        "to a container address. Runs as docker-proxy under dockerd, or on its own.",
+        add_help=False,
+        allow_abbrev=False,
+    )
+
+    def flag(name: str, parse: Callable[[str], Any] | None, default: Any, help: str, **kw: Any) -> None:
+        if parse is not None:
+            kw["type"] = _flag_type(parse, name)
+        parser.add_argument(
+            f"-{name}", f"--{name}", dest=name.replace("-", "_"), default=default, help=help, **kw
+        )
+
+    def boolean(name: str, help: str) -> None:
+        flag(name, _parse_bool, False, help, nargs="?", const=True, metavar="true|false")
+
+    # docker-proxy's own flags (the runtime contract)
+    flag("proto", _parse_choice(*PROTOCOLS), "tcp", "tcp, udp or sctp")
+    flag("host-ip", parse_ip, parse_ip("0.0.0.0"), "frontend address (picks IPv4 or IPv6)")
+    flag("host-port", None, "-1", "frontend port, a range A-B, or 0 for a kernel-chosen port")
+    flag("container-ip", parse_ip, parse_ip("0.0.0.0"), "backend address")
+    flag("container-port", None, "-1", "backend port, or a range C-D")
+    boolean("use-listen-fd", "adopt the listening socket passed on fd 4")
+    parser.add_argument("-v", "-version", "--version", action="store_true", dest="version",
+                        help="print the version and exit")
+    parser.add_argument("-h", "-help", "--help", action="help", help="show this help and exit")
+    # pyproxy's own
+    flag("p", None, None, "publish [IP:|IFACE:]HOSTPORT[-END]:CONTAINERPORT[-END][/tcp|/udp] "
+         "(repeatable; backend address from -container-ip)", action="append", metavar="SPEC")
+    flag("udp-timeout", parse_duration, 90.0, "UDP flow idle timeout (default 90s)", metavar="D")
+    flag("udp-max-flows", _parse_count, 16384, "cap on UDP flows; the idlest is evicted when full",
+         metavar="N")
+    flag("dial-timeout", parse_duration, 30.0, "backend connect timeout (default 30s)", metavar="D")
+    flag("dial-retry", parse_duration, 0.0, "retry a refused backend for up to D", metavar="D")
+    flag("max-conns", _parse_count, 0, "cap on concurrent TCP connections per listener (0: none)",
+         metavar="N")
+    flag("allow", parse_cidr, None, "only clients in this CIDR may connect (repeatable)",
+         action="append", metavar="CIDR")
+    flag("proxy-protocol", _parse_proxy_protocol, 0, "send a PROXY protocol header (v1 or v2)",
+         metavar="v1|v2")
+    flag("metrics-addr", _parse_metrics_addr, None, "serve Prometheus metrics on HOST:PORT",
+         metavar="HOST:PORT")
+    flag("log-level", _parse_choice("debug", "info", "warning", "error"), "info",
+         "debug, info, warning or error")
+    flag("log-format", _parse_choice("text", "json"), "text", "text or json")
+    flag("log-file", None, None, "log to PATH (reopened on SIGHUP), or 'syslog'", metavar="PATH")
+    flag("drain-timeout", parse_duration, 0.0,
+         "on SIGTERM, let open connections finish for up to D (default 0: exit at once)",
+         metavar="D")
+    return parser
+
+
+def _port_range(text: str, flag_name: str) -> PortRange:
+    try:
+        return PortRange.parse(text)
+    except ValueError as exc:
+        raise UsageError(f"argument -{flag_name}: invalid value {text!r}: {exc}") from None
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    mappings: list[Mapping] = []
+    if args.host_port != "-1":
+        if args.container_port == "-1":
+            raise UsageError("argument -container-port: required with -host-port")
+        host_ports = _port_range(args.host_port, "host-port")
+        container_ports = _port_range(args.container_port, "container-port")
+        if container_ports.start == 0:
+            raise UsageError("argument -container-port: port 0 cannot be dialled")
+        try:
+            mappings += expand_ranges(args.proto, args.host_ip, host_ports, args.container_ip,
+                                      container_ports)
+        except ValueError as exc:
+            raise UsageError(f"argument -host-port/-container-port: {exc}") from None
+    for spec in args.p or ():
+        try:
+            mappings += parse_publish(spec, args.container_ip)
+        except ValueError as exc:
+            raise UsageError(f"argument -p: invalid value {spec!r}: {exc}") from None
+    if not mappings:
+        raise UsageError("nothing to publish: give -host-port and -container-port, or -p")
+    if args.use_listen_fd and len(mappings) != 1:
+        raise UsageError("argument -use-listen-fd: fd 4 serves exactly one mapping")
+    if args.proxy_protocol == 1 and any(m.proto == "udp" for m in mappings):
+        raise UsageError("argument -proxy-protocol: UDP needs v2 (v1 is text for TCP streams)")
+    return Config(
+        mappings=mappings,
+        use_listen_fd=args.use_listen_fd,
+        udp_timeout=args.udp_timeout,
+        udp_max_flows=args.udp_max_flows,
+        dial_timeout=args.dial_timeout,
+        dial_retry=args.dial_retry,
+        max_conns=args.max_conns,
+        allow=args.allow or (),
+        proxy_protocol=args.proxy_protocol,
+        metrics_addr=args.metrics_addr,
+        log_level=args.log_level,
+        log_format=args.log_format,
+        log_file=args.log_file,
+        drain_timeout=args.drain_timeout,
+    )
+
+
+def parse_config(argv: Sequence[str]) -> Config | None:
+    """The Config for argv, or None when the command was -v (already answered)."""
+    args = build_parser().parse_args(argv)
+    if args.version:
+        print(f"pyproxy version {__version__}")
+        return None
+    return config_from_args(args)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    status = StatusPipe.from_environment()
+    try:
+        config = parse_config(sys.argv[1:] if argv is None else argv)
+    except UsageError as exc:
+        build_parser().print_usage(sys.stderr)
+        print(f"pyproxy: {exc}", file=sys.stderr)
+        status.fail(str(exc))  # under a runtime, the error reaches the user through fd 3
+        return USAGE_EXIT
+    if config is None:
+        return 0
+    # Imported here: asyncio and uvloop cost tens of milliseconds that -h and -v need not pay.
+    from proxy.server import run
+
+    return run(config, status)

@@ -1,0 +1,107 @@
+"""Opening the frontend socket of a mapping: bind it ourselves, or adopt the one on fd 4.
+
+Errors read like docker-proxy's (Go's net package), because dockerd shows them to the user
+verbatim: "listen tcp4 0.0.0.0:80: bind: address already in use".
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+
+from proxy.config import Mapping
+
+LISTEN_FD = 4
+BACKLOG = 4096  # capped by net.core.somaxconn
+KEEPALIVE_SECONDS = 15  # Go's default TCP keepalive period, which docker-proxy inherits
+
+
+class StartupError(Exception):
+    """The proxy cannot serve a mapping; the text goes to the status pipe as is."""
+
+
+def go_strerror(err: OSError) -> str:
+    """Go spells errno texts in lower case: "address already in use"."""
+    text = os.strerror(err.errno) if err.errno else str(err)
+    return text[:1].lower() + text[1:]
+
+
+def _network(mapping: Mapping) -> str:
+    return f"{mapping.proto}{'6' if mapping.family == socket.AF_INET6 else '4'}"
+
+
+def _sock_type(mapping: Mapping) -> tuple[int, int]:
+    if mapping.proto == "udp":
+        return socket.SOCK_DGRAM, 0
+    if mapping.proto == "sctp":
+        return socket.SOCK_STREAM, socket.IPPROTO_SCTP
+    return socket.SOCK_STREAM, 0
+
+
+def set_stream_options(sock: socket.socket) -> None:
+    """TCP_NODELAY and 15 s keepalive, as docker-proxy's Go runtime sets them.
+
+    Set on the listening socket, Linux copies them into every accepted socket, so the
+    accept path pays no extra system calls.
+    """
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, KEEPALIVE_SECONDS)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, KEEPALIVE_SECONDS)
+
+
+def bind_listener(mapping: Mapping, port: int) -> socket.socket:
+    """A bound (and for streams, listening) socket for the mapping on `port`."""
+    kind, proto = _sock_type(mapping)
+    where = f"listen {_network(mapping)} {mapping.frontend(port)}"
+    try:
+        sock = socket.socket(mapping.family, kind, proto)
+    except OSError as exc:
+        if mapping.proto == "sctp" and exc.errno in (errno.EPROTONOSUPPORT, errno.ESOCKTNOSUPPORT):
+            raise StartupError(
+                f"{where}: socket: {go_strerror(exc)} (this kernel has no SCTP; load the sctp module)"
+            ) from None
+        raise StartupError(f"{where}: socket: {go_strerror(exc)}") from None
+    try:
+        if mapping.family == socket.AF_INET6:
+            # "::" means IPv6 only: an IPv4 client must never reach a port published for IPv6.
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        if kind == socket.SOCK_STREAM:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if mapping.interface:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, mapping.interface.encode())
+        sock.bind((str(mapping.host_ip), port))
+        if kind == socket.SOCK_STREAM:
+            sock.listen(BACKLOG)
+    except OSError as exc:
+        sock.close()
+        step = "listen" if exc.errno == errno.EOPNOTSUPP else "bind"
+        if mapping.interface and exc.errno == errno.ENODEV:
+            raise StartupError(f"{where}: no such interface {mapping.interface!r}") from None
+        raise StartupError(f"{where}: {step}: {go_strerror(exc)}") from None
+    sock.setblocking(False)
+    return sock
+
+
+def adopt_listen_fd(mapping: Mapping) -> socket.socket:
+    """The socket dockerd bound and passed on fd 4 (-use-listen-fd), used exactly as it is."""
+    where = f"listen fd {LISTEN_FD} for {mapping.proto}"
+    try:
+        sock = socket.socket(fileno=LISTEN_FD)
+    except OSError as exc:
+        raise StartupError(f"{where}: {go_strerror(exc)}") from None
+    os.set_inheritable(LISTEN_FD, False)
+    expected_kind, _ = _sock_type(mapping)
+    actual = {socket.SOCK_STREAM: "a stream socket", socket.SOCK_DGRAM: "a datagram socket"}
+    if sock.type != expected_kind or sock.family not in (socket.AF_INET, socket.AF_INET6):
+        got = actual.get(sock.type, f"socket type {int(sock.type)}")
+        sock.detach()  # not ours to close: leave fd 4 as dockerd made it
+        raise StartupError(f"{where}: fd {LISTEN_FD} is {got}, not an IP socket of that protocol")
+    if expected_kind == socket.SOCK_STREAM and not sock.getsockopt(
+        socket.SOL_SOCKET, socket.SO_ACCEPTCONN
+    ):
+        sock.detach()
+        raise StartupError(f"{where}: fd {LISTEN_FD} is not listening")
+    sock.setblocking(False)
+    return sock

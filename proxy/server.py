@@ -1,0 +1,158 @@
+"""The proxy's lifecycle: open every listener (all or nothing), tell the runtime on fd 3,
+serve until SIGINT/SIGTERM, then close listeners and connections and exit 0 promptly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import resource
+import signal
+import sys
+from collections.abc import Coroutine
+from typing import Any, Union
+
+from proxy.config import Config, Mapping
+from proxy.logs import LoopErrorReporter, setup_logging
+from proxy.listeners import StartupError, adopt_listen_fd, bind_listener
+from proxy.stats import MappingStats
+from proxy.statuspipe import StatusPipe
+from proxy.tcp import TcpListener
+from proxy.udp import UdpRelay
+
+log = logging.getLogger("pyproxy")
+
+Relay = Union[TcpListener, UdpRelay]
+
+
+def raise_nofile_limit() -> None:
+    """Soft RLIMIT_NOFILE up to the hard limit, as Go does at start and dockerd relies on."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError):
+            pass
+
+
+def event_loop_runner() -> Any:
+    """uvloop, unless PYPROXY_LOOP=asyncio asks for the standard loop (the tests run both)."""
+    if os.environ.get("PYPROXY_LOOP") == "asyncio":
+        return asyncio.run
+    import uvloop
+
+    return uvloop.run
+
+
+class Server:
+    """Owns the relays of one process and their shutdown."""
+
+    def __init__(self, config: Config, status: StatusPipe) -> None:
+        self.config = config
+        self.status = status
+        self.relays: list[Relay] = []
+        self.stats: dict[Mapping, MappingStats] = {}
+        self._stop: asyncio.Future[int] | None = None
+
+    async def start(self) -> None:
+        """Open every mapping; if one fails, close the others and raise (all or nothing)."""
+        try:
+            for mapping in self.config.mappings:
+                await self._open(mapping)
+        except BaseException:
+            self.close_listeners()
+            raise
+
+    async def _open(self, mapping: Mapping) -> None:
+        if mapping.proto == "sctp" and not self.config.use_listen_fd:
+            # Probe kernel support first, so the error is about SCTP and not about a port.
+            bind_listener(mapping, 0).close()
+        adopted = self.config.use_listen_fd
+        if adopted:
+            sock, port = adopt_listen_fd(mapping), mapping.host_port
+        else:
+            sock, port = _bind_first_free(mapping)
+        stats = self.stats.setdefault(mapping.with_port(port), MappingStats())
+        relay: Relay
+        if mapping.proto == "udp":
+            relay = UdpRelay(mapping.with_port(port), port, self.config, stats)
+            await relay.start(sock, adopted=adopted)
+        else:
+            relay = TcpListener(mapping.with_port(port), port, self.config, stats)
+            await relay.start(sock)
+        self.relays.append(relay)
+
+    def close_listeners(self) -> None:
+        for relay in self.relays:
+            if isinstance(relay, TcpListener):
+                relay.stop_accepting()
+            else:
+                relay.stop()
+
+    async def serve(self) -> int:
+        asyncio.get_running_loop().set_exception_handler(LoopErrorReporter())
+        try:
+            await self.start()
+        except StartupError as exc:
+            log.error("cannot start: %s", exc)
+            self.status.fail(str(exc))
+            print(f"pyproxy: {exc}", file=sys.stderr)
+            return 1
+        self.status.ready()
+        for relay in self.relays:
+            line = relay.mapping.docker_port_line(relay.port)
+            print(line, flush=True)
+            log.info("serving %s -> %s", line, relay.mapping.backend())
+        loop = asyncio.get_running_loop()
+        self._stop = loop.create_future()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, self._on_stop_signal, signum)
+        signum = await self._stop
+        await self.shutdown(drain=signum == signal.SIGTERM)
+        return 0
+
+    def _on_stop_signal(self, signum: int) -> None:
+        if self._stop is not None and not self._stop.done():
+            self._stop.set_result(signum)
+
+    async def shutdown(self, *, drain: bool) -> None:
+        """Stop accepting; on SIGTERM with -drain-timeout, let connections finish; close the rest."""
+        self.close_listeners()
+        tcp = [r for r in self.relays if isinstance(r, TcpListener)]
+        if drain and self.config.drain_timeout > 0:
+            deadline = asyncio.get_running_loop().time() + self.config.drain_timeout
+            while any(r.connections for r in tcp) and asyncio.get_running_loop().time() < deadline:
+                await asyncio.sleep(0.05)
+        aborted = sum(r.abort_all() for r in tcp)
+        log.info("stopped; closed %d open connection(s)", aborted)
+        await asyncio.sleep(0)  # let the transports' connection_lost callbacks run
+
+
+def _bind_first_free(mapping: Mapping) -> tuple[Any, int]:
+    """Bind the mapping's port, or the first free one of its range (docker's 8000-8010:80)."""
+    last_error: StartupError | None = None
+    for port in mapping.host_ports:
+        try:
+            sock = bind_listener(mapping, port)
+        except StartupError as exc:
+            last_error = exc
+            if "address already in use" in str(exc):
+                continue
+            raise
+        return sock, sock.getsockname()[1]
+    assert last_error is not None
+    if len(mapping.host_ports) > 1:
+        raise StartupError(f"{last_error} (every port of {mapping.host_ports} is taken)")
+    raise last_error
+
+
+def run(config: Config, status: StatusPipe) -> int:
+    raise_nofile_limit()
+    setup_logging(config)
+    main: Coroutine[Any, Any, int] = Server(config, status).serve()
+    try:
+        return event_loop_runner()(main)  # type: ignore[no-any-return]
+    except KeyboardInterrupt:  # a signal before the handlers were installed
+        return 0
+

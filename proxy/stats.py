@@ -1,0 +1,46 @@
+"""Per-mapping counters that the relays bump on their hot paths.
+
+Plain ints on a slotted object: an increment is one attribute store, no locks, no labels.
+The Prometheus collector (proxy.metrics) reads them only when scraped.
+"""
+
+from __future__ import annotations
+
+from attrs import Factory, define
+
+# Dial latency buckets (seconds): loopback/bridge dials take tens of microseconds; a container
+# that is still starting under -dial-retry can take seconds.
+DIAL_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1, 0.5, 1.0, 5.0)
+
+
+@define(eq=False)
+class MappingStats:
+    # TCP
+    accepted: int = 0
+    active: int = 0
+    rejected_denied: int = 0  # client not in -allow
+    rejected_limit: int = 0  # over -max-conns
+    dial_failures: int = 0
+    bytes_from_client: int = 0
+    bytes_from_container: int = 0
+    # UDP
+    flows_active: int = 0
+    flows_created: int = 0
+    flows_expired: int = 0
+    flows_evicted: int = 0
+    datagrams_from_client: int = 0
+    datagrams_from_container: int = 0
+    datagrams_dropped: int = 0
+    datagrams_denied: int = 0
+    # dial latency histogram: counts per bucket (last one is +Inf) and the running sum
+    dial_bucket_counts: list[int] = Factory(lambda: [0] * (len(DIAL_BUCKETS) + 1))
+    dial_seconds_sum: float = 0.0
+
+    def observe_dial(self, seconds: float) -> None:
+        """Once per connection, off the data path."""
+        self.dial_seconds_sum += seconds
+        for i, bound in enumerate(DIAL_BUCKETS):
+            if seconds <= bound:
+                self.dial_bucket_counts[i] += 1
+                return
+        self.dial_bucket_counts[-1] += 1

@@ -1,0 +1,280 @@
+"""TCP relay: forward traffic from the frontend (host) to the backend (container) and back.
+
+Each accepted client gets one backend connection, dialled after accept. The pair is two
+asyncio Protocols that write each received bytes object straight into the other transport:
+no stream readers, no per-connection task on the data path. Flow control is the transports'
+own: when one side's write buffer passes its high-water mark, the other side stops reading.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import struct
+import time
+from typing import TYPE_CHECKING
+
+from proxy import proxyproto
+from proxy.access import AllowList
+from proxy.config import Config, Mapping
+from proxy.listeners import BACKLOG
+from proxy.stats import MappingStats
+
+if TYPE_CHECKING:
+    from asyncio import BaseTransport, Transport
+
+log = logging.getLogger("pyproxy")
+
+# Bytes a write buffer may hold before the peer stops reading. Large enough that a bulk
+# transfer rarely stalls on flow control, small enough that 10,000 stuck connections stay
+# within a few GiB in the very worst case.
+HIGH_WATER = 256 * 1024
+LOW_WATER = 64 * 1024
+# Bytes a client may send before its backend connection exists; beyond this we stop reading.
+EARLY_DATA_LIMIT = 256 * 1024
+# -dial-retry: wait between attempts at a backend that refuses (doubling up to the cap).
+RETRY_FIRST, RETRY_CAP = 0.05, 0.5
+
+_LINGER_RESET = struct.pack("ii", 1, 0)
+
+
+def reset(transport: BaseTransport) -> None:
+    """Close with an RST rather than a FIN, so the peer can tell a failure from a clean end."""
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+        except OSError:
+            pass
+    transport.abort()
+
+
+class _Side(asyncio.Protocol):
+    """One end of a relayed connection. `peer` is the other end, once it exists."""
+
+    __slots__ = ("transport", "peer", "eof", "stats")
+
+    def __init__(self, stats: MappingStats) -> None:
+        self.transport: Transport | None = None
+        self.peer: _Side | None = None
+        self.eof = False
+        self.stats = stats
+
+    def connection_made(self, transport: BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        transport.set_write_buffer_limits(HIGH_WATER, LOW_WATER)  # type: ignore[attr-defined]
+
+    def eof_received(self) -> bool:
+        """Half-close: pass the FIN on and keep the reverse direction flowing."""
+        self.eof = True
+        peer = self.peer
+        if peer is not None and peer.transport is not None:
+            if peer.eof:
+                self.close()
+            else:
+                peer.transport.write_eof()
+        return True  # keep our transport open; we close it once both directions are done
+
+    # Backpressure: our transport's buffer is full, so stop reading what fills it.
+    def pause_writing(self) -> None:
+        if self.peer is not None and self.peer.transport is not None:
+            self.peer.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.peer is not None and self.peer.transport is not None:
+            self.peer.transport.resume_reading()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        peer, self.peer = self.peer, None
+        if peer is not None:
+            peer.peer = None
+            if peer.transport is not None:
+                # An error on one side (a reset, a timeout) reaches the other as a reset.
+                if exc is not None:
+                    reset(peer.transport)
+                else:
+                    peer.transport.close()
+
+    def close(self) -> None:
+        """Both directions done: close both ends after their buffers drain."""
+        for side in (self, self.peer):
+            if side is not None and side.transport is not None:
+                side.transport.close()
+
+
+class ContainerSide(_Side):
+    """The backend connection; what it receives goes to the client."""
+
+    __slots__ = ("header",)
+
+    def __init__(self, client: ClientSide, header: bytes | None) -> None:
+        super().__init__(client.stats)
+        self.peer = client
+        self.header = header
+
+    def connection_made(self, transport: BaseTransport) -> None:
+        # Pair up here, not after create_connection() returns: the event loop may deliver the
+        # container's first bytes before the dialling task resumes.
+        super().connection_made(transport)
+        client = self.peer
+        assert client is not None
+        if client.transport is None or client.transport.is_closing():
+            self.peer = None
+            transport.abort()  # the client left while we were dialling
+            return
+        client.connected(self, self.header)
+
+    def data_received(self, data: bytes) -> None:
+        self.peer.transport.write(data)  # type: ignore[union-attr]
+        self.stats.bytes_from_container += len(data)
+
+
+class ClientSide(_Side):
+    """An accepted client; dials the container, and holds early data until that succeeds."""
+
+    __slots__ = ("listener", "early", "early_size", "dial")
+
+    def __init__(self, listener: TcpListener) -> None:
+        super().__init__(listener.stats)
+        self.listener = listener
+        self.early: list[bytes] = []
+        self.early_size = 0
+        self.dial: asyncio.Task[None] | None = None
+
+    def connection_made(self, transport: BaseTransport) -> None:
+        super().connection_made(transport)
+        listener = self.listener
+        stats = self.stats
+        stats.accepted += 1
+        if listener.allow:
+            client = transport.get_extra_info("peername")
+            if not listener.allow.permits(client[0]):
+                stats.rejected_denied += 1
+                self.transport = None
+                reset(transport)
+                return
+        if listener.max_conns and len(listener.connections) >= listener.max_conns:
+            stats.rejected_limit += 1
+            self.transport = None
+            reset(transport)
+            return
+        listener.connections.add(self)
+        stats.active += 1
+        self.dial = asyncio.get_running_loop().create_task(listener.dial(self))
+
+    def data_received(self, data: bytes) -> None:
+        peer = self.peer
+        if peer is not None:
+            peer.transport.write(data)  # type: ignore[union-attr]
+        else:
+            self.early.append(data)
+            self.early_size += len(data)
+            if self.early_size > EARLY_DATA_LIMIT:
+                self.transport.pause_reading()  # type: ignore[union-attr]
+        self.stats.bytes_from_client += len(data)
+
+    def eof_received(self) -> bool:
+        if self.peer is None:
+            self.eof = True  # delivered after the early data once the backend is connected
+            return True
+        return super().eof_received()
+
+    def connected(self, container: ContainerSide, header: bytes | None) -> None:
+        """The backend answered: flush what the client sent meanwhile, then relay directly."""
+        self.peer = container
+        backend = container.transport
+        assert backend is not None and self.transport is not None
+        if header:
+            backend.write(header)
+        for chunk in self.early:
+            backend.write(chunk)
+        self.early = []
+        if self.early_size > EARLY_DATA_LIMIT:
+            self.transport.resume_reading()
+        self.early_size = 0
+        if self.eof:
+            backend.write_eof()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.transport is None:
+            return  # refused in connection_made: never counted as active
+        listener = self.listener
+        listener.connections.discard(self)
+        self.stats.active -= 1
+        if self.dial is not None and not self.dial.done():
+            self.dial.cancel()
+        super().connection_lost(exc)
+
+
+class TcpListener:
+    """Serves one TCP mapping: accepts clients, dials the container for each, relays."""
+
+    def __init__(self, mapping: Mapping, port: int, config: Config, stats: MappingStats) -> None:
+        self.mapping = mapping
+        self.port = port
+        self.stats = stats
+        self.allow = AllowList(config.allow)
+        self.max_conns = config.max_conns
+        self.proxy_protocol = config.proxy_protocol
+        self.dial_timeout = config.dial_timeout or None
+        self.dial_retry = config.dial_retry
+        self.connections: set[ClientSide] = set()
+        self._backend = (str(mapping.container_ip), mapping.container_port)
+        self._server: asyncio.AbstractServer | None = None
+
+    async def start(self, sock: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        # create_server listens again; without our backlog it would shrink the queue to 100.
+        self._server = await loop.create_server(lambda: ClientSide(self), sock=sock, backlog=BACKLOG)
+
+    def stop_accepting(self) -> None:
+        if self._server is not None:
+            self._server.close()
+
+    def abort_all(self) -> int:
+        """Close every open connection now; returns how many there were."""
+        open_now = list(self.connections)
+        for client in open_now:
+            for side in (client, client.peer):
+                if side is not None and side.transport is not None:
+                    side.transport.abort()
+        return len(open_now)
+
+    async def dial(self, client: ClientSide) -> None:
+        """Connect to the container for `client`, retrying a refusal for up to -dial-retry."""
+        loop = asyncio.get_running_loop()
+        started = time.monotonic()
+        deadline = started + self.dial_retry
+        wait = RETRY_FIRST
+        header = None
+        if self.proxy_protocol:
+            t = client.transport
+            assert t is not None
+            header = proxyproto.header(
+                self.proxy_protocol, "tcp", t.get_extra_info("peername"), t.get_extra_info("sockname")
+            )
+        while True:
+            try:
+                async with asyncio.timeout(self.dial_timeout):
+                    await loop.create_connection(lambda: ContainerSide(client, header), *self._backend)
+                break
+            except ConnectionRefusedError as exc:
+                if time.monotonic() + wait > deadline:
+                    return self._dial_failed(client, exc)
+                await asyncio.sleep(wait)
+                wait = min(wait * 2, RETRY_CAP)
+            except (OSError, TimeoutError) as exc:
+                return self._dial_failed(client, exc)
+        self.stats.observe_dial(time.monotonic() - started)
+
+    def _dial_failed(self, client: ClientSide, exc: BaseException) -> None:
+        self.stats.dial_failures += 1
+        reason = "timed out" if isinstance(exc, TimeoutError) else exc.strerror or str(exc)  # type: ignore[union-attr]
+        peer = client.transport.get_extra_info("peername") if client.transport else None
+        log.warning(
+            "%s: client %s: dial %s: %s", self.mapping.proto, peer and peer[0:2],
+            self.mapping.backend(), reason,
+        )
+        if client.transport is not None:
+            reset(client.transport)

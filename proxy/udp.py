@@ -1,0 +1,261 @@
+"""UDP relay: a flow per client (address, port), each with its own connected backend socket.
+
+The container sees one stable source port per client, and its replies go back to that client
+from the address the client sent to (IP_PKTINFO / IPV6_PKTINFO). Flows idle out after
+-udp-timeout, counted from the last datagram in either direction; when the table is full the
+idlest flow makes room. Datagrams are read with recvmsg() in a loop until the socket is empty,
+so one wake-up of the event loop serves a whole burst.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from collections import OrderedDict
+from typing import Any
+
+from attrs import define
+
+from proxy import proxyproto
+from proxy.access import AllowList
+from proxy.config import Config, Mapping, family_of
+from proxy.stats import MappingStats
+
+log = logging.getLogger("pyproxy")
+
+MAX_DATAGRAM = 65536  # larger than any UDP payload (65507 on IPv4, 65527 on IPv6)
+ANCILLARY_SPACE = socket.CMSG_SPACE(20)  # one in6_pktinfo (20 bytes) or in_pktinfo (12)
+BURST = 256  # datagrams per wake-up before letting other sockets have a turn
+
+Ancillary = list[tuple[int, int, bytes]]
+
+
+@define(eq=False)
+class Flow:
+    client: Any  # the client's socket address tuple, as recvmsg returned it
+    sock: socket.socket
+    last: float
+    reply_ancillary: Ancillary | None = None  # source address for replies
+    pktinfo_seen: bytes = b""
+    header: bytes | None = None  # PROXY v2 header prefixed to every datagram, if enabled
+
+
+class FlowTable(OrderedDict[Any, Flow]):
+    """Flows ordered from least to most recently active (move_to_end on every datagram),
+    so the idlest flow is always first: eviction and expiry never scan the whole table."""
+
+    def __init__(self, max_flows: int) -> None:
+        super().__init__()
+        self.max_flows = max_flows
+
+    def make_room(self) -> Flow | None:
+        """The flow to evict so that one more fits, if the table is full."""
+        if self.max_flows and len(self) >= self.max_flows:
+            return self.popitem(last=False)[1]
+        return None
+
+    def expire(self, now: float, timeout: float) -> list[Flow]:
+        """Remove and return every flow idle for `timeout` or longer."""
+        gone = []
+        while self:
+            flow = next(iter(self.values()))
+            if now - flow.last < timeout:
+                break
+            gone.append(self.popitem(last=False)[1])
+        return gone
+
+
+def _reply_pktinfo(level: int, kind: int, data: bytes) -> Ancillary:
+    """Ancillary data that sends a reply from the address the client's datagram was sent to."""
+    if level == socket.IPPROTO_IP:
+        # in_pktinfo {ifindex, spec_dst, addr}: source = addr; leave the interface to routing.
+        return [(level, kind, b"\0\0\0\0" + data[8:12] + b"\0\0\0\0")]
+    # in6_pktinfo {addr, ifindex}: keep the interface, which a link-local address needs.
+    return [(level, kind, data[:20])]
+
+
+def enable_pktinfo(sock: socket.socket) -> None:
+    if sock.family == socket.AF_INET6:
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_RECVPKTINFO, 1)
+    else:
+        sock.setsockopt(socket.IPPROTO_IP, socket.IP_PKTINFO, 1)
+
+
+class UdpRelay:
+    """Serves one UDP mapping."""
+
+    def __init__(self, mapping: Mapping, port: int, config: Config, stats: MappingStats) -> None:
+        self.mapping = mapping
+        self.port = port
+        self.stats = stats
+        self.timeout = config.udp_timeout
+        self.flows = FlowTable(config.udp_max_flows)
+        self.allow = AllowList(config.allow)
+        self.proxy_protocol = config.proxy_protocol
+        self._backend = (str(mapping.container_ip), mapping.container_port)
+        self._backend_family = family_of(mapping.container_ip)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._sock: socket.socket | None = None
+        self._sweeper: asyncio.TimerHandle | None = None
+
+    async def start(self, sock: socket.socket, *, adopted: bool = False) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._sock = sock
+        if not adopted:  # a socket passed on fd 4 is used as dockerd set it up
+            enable_pktinfo(sock)
+        self._loop.add_reader(sock.fileno(), self._from_clients)
+        self._schedule_sweep()
+
+    def stop(self) -> None:
+        if self._loop is None or self._sock is None:
+            return
+        self._loop.remove_reader(self._sock.fileno())
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        for flow in self.flows.values():
+            self._close_flow(flow)
+        self.flows.clear()
+        self._sock.close()
+        self._sock = None
+
+    # -- client -> container ------------------------------------------------------------------
+
+    def _from_clients(self) -> None:
+        sock, flows, stats = self._sock, self.flows, self.stats
+        assert sock is not None and self._loop is not None
+        recvmsg = sock.recvmsg
+        now = self._loop.time()
+        for _ in range(BURST):
+            try:
+                data, ancillary, _flags, client = recvmsg(MAX_DATAGRAM, ANCILLARY_SPACE)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                continue  # a queued ICMP error for an earlier reply; the socket is fine
+            flow = flows.get(client)
+            if flow is None:
+                flow = self._new_flow(client, now, ancillary)
+                if flow is None:
+                    continue
+            else:
+                flows.move_to_end(client)
+                flow.last = now
+            if ancillary:
+                level, kind, info = ancillary[0]
+                if info != flow.pktinfo_seen:  # the client may send to another local address
+                    flow.pktinfo_seen = info
+                    flow.reply_ancillary = _reply_pktinfo(level, kind, info)
+            stats.datagrams_from_client += 1
+            self._to_container(flow, data)
+
+    def _to_container(self, flow: Flow, data: bytes) -> None:
+        for attempt in (1, 2):
+            try:
+                if flow.header is None:
+                    flow.sock.send(data)
+                else:
+                    flow.sock.sendmsg([flow.header, data])
+                return
+            except ConnectionRefusedError:
+                # A stale ICMP port unreachable from an earlier datagram (the container was not
+                # listening yet) fails this send; the error is consumed, so one retry delivers.
+                if attempt == 2:
+                    self.stats.datagrams_dropped += 1
+            except OSError:
+                self.stats.datagrams_dropped += 1
+                return
+
+    def _new_flow(self, client: Any, now: float, ancillary: Ancillary) -> Flow | None:
+        stats = self.stats
+        if self.allow and not self.allow.permits(client[0]):
+            stats.datagrams_denied += 1
+            return None
+        evicted = self.flows.make_room()
+        if evicted is not None:
+            self._close_flow(evicted)
+            stats.flows_evicted += 1
+        try:
+            sock = socket.socket(self._backend_family, socket.SOCK_DGRAM)
+        except OSError as exc:  # out of fds: drop this datagram, keep serving the others
+            stats.datagrams_dropped += 1
+            log.warning("udp: client %s: no socket for a new flow: %s", client[:2], exc.strerror)
+            return None
+        sock.setblocking(False)
+        try:
+            sock.connect(self._backend)
+        except OSError as exc:
+            sock.close()
+            stats.datagrams_dropped += 1
+            log.warning("udp: client %s: connect %s: %s", client[:2], self.mapping.backend(),
+                        exc.strerror)
+            return None
+        flow = Flow(client, sock, now)
+        if self.proxy_protocol:
+            flow.header = proxyproto.header(2, "udp", client, self._destination(ancillary))
+        self.flows[client] = flow
+        assert self._loop is not None
+        self._loop.add_reader(sock.fileno(), self._from_container, flow)
+        stats.flows_created += 1
+        stats.flows_active += 1
+        return flow
+
+    def _destination(self, ancillary: Ancillary) -> tuple[str, int]:
+        """The address and port the client sent to: PKTINFO's, else the socket's own."""
+        assert self._sock is not None
+        if ancillary:
+            level, _, info = ancillary[0]
+            if level == socket.IPPROTO_IP:
+                return socket.inet_ntop(socket.AF_INET, info[8:12]), self.port
+            return socket.inet_ntop(socket.AF_INET6, info[:16]), self.port
+        return self._sock.getsockname()[:2]  # type: ignore[no-any-return]
+
+    # -- container -> client ------------------------------------------------------------------
+
+    def _from_container(self, flow: Flow) -> None:
+        sock, stats = self._sock, self.stats
+        assert sock is not None and self._loop is not None
+        recv = flow.sock.recv
+        client = flow.client
+        for _ in range(BURST):
+            try:
+                data = recv(MAX_DATAGRAM)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError:
+                # ICMP port unreachable from the container: it is not listening (yet). The
+                # flow stays; the client's next datagram may well find it up.
+                continue
+            stats.datagrams_from_container += 1
+            try:
+                if flow.reply_ancillary is not None:
+                    sock.sendmsg([data], flow.reply_ancillary, 0, client)
+                else:
+                    sock.sendto(data, client)
+            except OSError:
+                stats.datagrams_dropped += 1
+        if self.flows.get(client) is flow:
+            self.flows.move_to_end(client)
+            flow.last = self._loop.time()
+
+    # -- idle flows -----------------------------------------------------------------------------
+
+    def _schedule_sweep(self) -> None:
+        assert self._loop is not None
+        # A quarter of the timeout keeps expiry within 25 % of it without waking up often.
+        interval = min(max(self.timeout / 4, 0.01), 5.0)
+        self._sweeper = self._loop.call_later(interval, self._sweep)
+
+    def _sweep(self) -> None:
+        assert self._loop is not None
+        for flow in self.flows.expire(self._loop.time(), self.timeout):
+            self._close_flow(flow)
+            self.stats.flows_expired += 1
+        self._schedule_sweep()
+
+    def _close_flow(self, flow: Flow) -> None:
+        assert self._loop is not None
+        self._loop.remove_reader(flow.sock.fileno())
+        flow.sock.close()
+        self.stats.flows_active -= 1
+

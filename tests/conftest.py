@@ -1,0 +1,136 @@
+"""Shared fixtures: both event loops, echo backends on loopback, and a real pyproxy subprocess."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import select
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+
+import pytest
+import uvloop
+
+LOOPS = ["uvloop", "asyncio"]
+
+
+def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> dict:
+    """Every async test runs on uvloop and on the standard loop."""
+    return {"uvloop": uvloop.new_event_loop, "asyncio": asyncio.new_event_loop}
+
+
+def has_ipv6() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+needs_ipv6 = pytest.mark.skipif(not has_ipv6(), reason="no IPv6 loopback on this machine")
+
+
+def free_port(host: str = "127.0.0.1", kind: int = socket.SOCK_STREAM) -> int:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, kind) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+class Proxy:
+    """A pyproxy subprocess started with a status pipe on fd 3, as dockerd starts it."""
+
+    def __init__(self, args: list[str], *, pass_fds: dict[int, int] | None = None,
+                 env: dict[str, str] | None = None, preexec=None, wait_ready: bool = True) -> None:
+        read_end, write_end = os.pipe()
+        fds = {3: write_end, **(pass_fds or {})}
+        self.proc = spawn(args, fds, env=env, preexec=preexec)
+        os.close(write_end)
+        self.status = read_status(read_end)
+        os.close(read_end)
+        if wait_ready and self.status != b"0\n":
+            out, err = self.stop()
+            raise AssertionError(f"pyproxy did not start: {self.status!r} {err!r}")
+
+    def stop(self, signum: int = signal.SIGTERM, timeout: float = 5) -> tuple[bytes, bytes]:
+        """Signal, wait, and return what it printed (stdout, stderr)."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signum)
+        try:
+            self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        return output(self.proc)
+
+
+def output(proc: subprocess.Popen) -> tuple[bytes, bytes]:
+    """What a spawned pyproxy wrote to stdout and stderr (files, see spawn)."""
+    result = []
+    for f in proc.output_files:  # type: ignore[attr-defined]
+        f.seek(0)
+        result.append(f.read())
+    return result[0], result[1]
+
+
+def spawn(args: list[str], fds: dict[int, int], *, env=None, preexec=None) -> subprocess.Popen:
+    """Run pyproxy with `fds` placed at exactly those descriptor numbers in the child."""
+
+    def place_fds() -> None:
+        # dup2 via scratch copies so that a source fd equal to a target is not clobbered, then
+        # close the sources: a stray copy of the status pipe's write end would hide its EOF.
+        scratch = {target: os.dup(src) for target, src in fds.items()}
+        for src in set(fds.values()) - set(fds):
+            os.close(src)
+        for target, dup in scratch.items():
+            os.dup2(dup, target, inheritable=True)
+            os.close(dup)
+        if preexec:
+            preexec()
+
+    full_env = {**os.environ, **(env or {})}
+    # Output goes to files, not pipes: a child must never block on a pipe nobody reads yet.
+    files = (tempfile.TemporaryFile(), tempfile.TemporaryFile())
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "proxy", *args],
+        stdout=files[0], stderr=files[1], close_fds=True,
+        # subprocess closes every fd not listed here *after* preexec_fn has placed them
+        pass_fds=sorted(set(fds.values()) | set(fds)), preexec_fn=place_fds, env=full_env,
+    )
+    proc.output_files = files  # type: ignore[attr-defined]
+    return proc
+
+
+def read_status(fd: int, timeout: float = 20) -> bytes:
+    """What pyproxy wrote on fd 3, read the way dockerd reads it: until EOF."""
+    data = b""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([fd], [], [], deadline - time.monotonic())
+        if not ready:
+            break
+        chunk = os.read(fd, 4096)
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+@pytest.fixture(params=LOOPS)
+def proxy_loop_env(request: pytest.FixtureRequest) -> dict[str, str]:
+    """Subprocess tests run pyproxy on both loops too."""
+    return {"PYPROXY_LOOP": request.param}
+
+
+@pytest.fixture
+def proxies() -> Iterator[list[Proxy]]:
+    started: list[Proxy] = []
+    yield started
+    for p in started:
+        p.stop(signal.SIGKILL, timeout=2)
