@@ -30,6 +30,8 @@ BURST = 256  # datagrams per wake-up before letting other sockets have a turn
 
 Ancillary = list[tuple[int, int, bytes]]
 
+IP_PKTINFO = getattr(socket, "IP_PKTINFO", 8)  # <linux/in.h>; in the socket module from 3.12
+
 
 @define(eq=False)
 class Flow:
@@ -79,7 +81,7 @@ def enable_pktinfo(sock: socket.socket) -> None:
     if sock.family == socket.AF_INET6:
         sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_RECVPKTINFO, 1)
     else:
-        sock.setsockopt(socket.IPPROTO_IP, socket.IP_PKTINFO, 1)
+        sock.setsockopt(socket.IPPROTO_IP, IP_PKTINFO, 1)
 
 
 class UdpRelay:
@@ -213,10 +215,11 @@ class UdpRelay:
     # -- container -> client ------------------------------------------------------------------
 
     def _from_container(self, flow: Flow) -> None:
-        sock, stats = self._sock, self.stats
-        assert sock is not None and self._loop is not None
+        sock, stats, loop = self._sock, self.stats, self._loop
+        assert sock is not None and loop is not None
         recv = flow.sock.recv
         client = flow.client
+        socket_error = False
         for _ in range(BURST):
             try:
                 data = recv(MAX_DATAGRAM)
@@ -225,6 +228,7 @@ class UdpRelay:
             except OSError:
                 # ICMP port unreachable from the container: it is not listening (yet). The
                 # flow stays; the client's next datagram may well find it up.
+                socket_error = True
                 continue
             stats.datagrams_from_container += 1
             try:
@@ -235,8 +239,13 @@ class UdpRelay:
             except OSError:
                 stats.datagrams_dropped += 1
         if self.flows.get(client) is flow:
+            if socket_error:
+                # libuv (uvloop) stops watching a socket once it reports EPOLLERR, silently;
+                # watch it again so the flow hears the container once it is up.
+                loop.remove_reader(flow.sock.fileno())
+                loop.add_reader(flow.sock.fileno(), self._from_container, flow)
             self.flows.move_to_end(client)
-            flow.last = self._loop.time()
+            flow.last = loop.time()
 
     # -- idle flows -----------------------------------------------------------------------------
 

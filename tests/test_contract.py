@@ -270,3 +270,63 @@ def test_accept_loop_survives_fd_exhaustion(echo_backend, proxy_loop_env):
         _, err = p.stop()
     assert b"Traceback" not in err
     assert err.count(b"backing off") <= 3  # said once, not once per failed accept
+
+
+def udp_exchange(dest: tuple, payload: bytes) -> tuple[bytes, tuple]:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as c:
+        c.settimeout(5)
+        c.sendto(payload, dest)
+        return c.recvfrom(65536)
+
+
+@pytest.fixture
+def udp_echo_backend():
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("127.0.0.1", 0))
+
+    def serve() -> None:
+        while True:
+            try:
+                data, addr = sock.recvfrom(65536)
+                sock.sendto(data, addr)
+            except OSError:
+                return
+
+    threading.Thread(target=serve, daemon=True).start()
+    yield sock.getsockname()[1]
+    sock.close()
+
+
+def test_udp_adopts_listen_fd_without_pktinfo(udp_echo_backend, proxy_loop_env, proxies):
+    lsock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    lsock.bind(("127.0.0.1", 0))
+    port = lsock.getsockname()[1]
+    proxies.append(Proxy([*docker_args(port, udp_echo_backend, proto="udp"), "-use-listen-fd"],
+                         pass_fds={4: lsock.fileno()}, env=proxy_loop_env))
+    lsock.close()
+    assert udp_exchange(("127.0.0.1", port), b"dgram") == (b"dgram", ("127.0.0.1", port))
+
+
+def test_udp_status_pipe_and_stop(udp_echo_backend, proxy_loop_env):
+    port = free_port(kind=socket.SOCK_DGRAM)
+    p = Proxy(docker_args(port, udp_echo_backend, host_ip="0.0.0.0", proto="udp"), env=proxy_loop_env)
+    assert udp_exchange(("127.0.0.2", port), b"x") == (b"x", ("127.0.0.2", port))
+    started = time.monotonic()
+    p.proc.send_signal(signal.SIGINT)
+    assert p.proc.wait(timeout=5) == 0 and time.monotonic() - started < 1.0
+
+
+def kernel_has_sctp() -> bool:
+    try:
+        socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_SCTP).close()
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(kernel_has_sctp(), reason="this kernel has SCTP: the failure path can't be shown")
+def test_sctp_without_kernel_support_fails_cleanly():
+    p = Proxy(docker_args(free_port(), 80, proto="sctp"), wait_ready=False)
+    assert p.status.startswith(b"1\nlisten sctp4 127.0.0.1:")
+    assert b"no SCTP" in p.status
+    assert p.proc.wait(timeout=10) == 1

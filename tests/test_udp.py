@@ -1,0 +1,220 @@
+"""The UDP relay on real loopback sockets: flows, source addresses, timeouts, the flow cap."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+from collections.abc import AsyncIterator
+
+import pytest
+
+from proxy.udp import FlowTable
+from tests.conftest import free_port, needs_ipv6
+from tests.helpers import proxy
+
+pytestmark = pytest.mark.timeout(60)
+
+
+class UdpBackend(asyncio.DatagramProtocol):
+    """Answers each datagram with b"re:" + payload (or the payload alone for big ones) and
+    records the source address of every datagram it saw."""
+
+    def __init__(self) -> None:
+        self.sources: list[tuple] = []
+        self.transport: asyncio.DatagramTransport | None = None
+
+    def connection_made(self, transport) -> None:  # type: ignore[no-untyped-def]
+        self.transport = transport
+
+    def datagram_received(self, data: bytes, addr) -> None:  # type: ignore[no-untyped-def]
+        self.sources.append(addr)
+        assert self.transport is not None
+        self.transport.sendto(data if len(data) > 60000 else b"re:" + data, addr)
+
+
+@contextlib.asynccontextmanager
+async def udp_backend(host: str = "127.0.0.1", port: int = 0) -> AsyncIterator[tuple[int, UdpBackend]]:
+    loop = asyncio.get_running_loop()
+    transport, backend = await loop.create_datagram_endpoint(UdpBackend, local_addr=(host, port))
+    try:
+        yield transport.get_extra_info("sockname")[1], backend
+    finally:
+        transport.close()
+
+
+def udp_proxy(backend_port: int, *extra: str, host_ip: str = "127.0.0.1",
+              container_ip: str = "127.0.0.1"):  # type: ignore[no-untyped-def]
+    return proxy("-proto", "udp", "-host-ip", host_ip, "-host-port", "0",
+                 "-container-ip", container_ip, "-container-port", str(backend_port), *extra)
+
+
+def ask(sock: socket.socket, dest: tuple, payload: bytes, timeout: float = 3) -> tuple[bytes, tuple]:
+    sock.settimeout(timeout)
+    sock.sendto(payload, dest)
+    return sock.recvfrom(65536)
+
+
+def client(host: str = "127.0.0.1") -> socket.socket:
+    s = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_DGRAM)
+    s.bind((host, 0))
+    return s
+
+
+@pytest.mark.parametrize("host_ip, container_ip", [
+    ("127.0.0.1", "127.0.0.1"),
+    pytest.param("::1", "::1", marks=needs_ipv6),
+    pytest.param("::1", "127.0.0.1", marks=needs_ipv6),
+])
+async def test_udp_echo(host_ip: str, container_ip: str) -> None:
+    async with udp_backend(container_ip) as (bport, _), udp_proxy(
+        bport, host_ip=host_ip, container_ip=container_ip
+    ) as server:
+        port = server.relays[0].port
+        with client(host_ip) as c:
+            data, src = await asyncio.to_thread(ask, c, (host_ip, port), b"hello")
+        assert data == b"re:hello"
+        assert src[1] == port
+
+
+async def test_200_clients_each_get_their_answers_from_distinct_source_ports() -> None:
+    async with udp_backend() as (bport, backend), udp_proxy(bport) as server:
+        port = server.relays[0].port
+        clients = [client() for _ in range(200)]
+
+        def exchange_all() -> bool:
+            for round_ in range(3):
+                for i, c in enumerate(clients):
+                    c.sendto(b"%d/%d" % (i, round_), ("127.0.0.1", port))
+                for i, c in enumerate(clients):
+                    c.settimeout(3)
+                    if c.recv(100) != b"re:%d/%d" % (i, round_):
+                        return False
+            return True
+
+        assert await asyncio.to_thread(exchange_all)
+        for c in clients:
+            c.close()
+        # each client was one flow: the backend saw 200 distinct source ports, each 3 times
+        ports = [src[1] for src in backend.sources]
+        assert len(set(ports)) == 200 and len(ports) == 600
+        stats = server.relays[0].stats
+        assert stats.flows_created == 200 and stats.flows_active == 200
+
+
+async def test_reply_comes_from_the_address_the_client_sent_to() -> None:
+    """Bound to 0.0.0.0; a client asking 127.0.0.2 must get the answer from 127.0.0.2."""
+    async with udp_backend() as (bport, _), udp_proxy(bport, host_ip="0.0.0.0") as server:
+        port = server.relays[0].port
+        with client() as c:
+            for dest in ("127.0.0.2", "127.0.0.3", "127.0.0.1"):
+                data, src = await asyncio.to_thread(ask, c, (dest, port), b"q")
+                assert (data, src) == (b"re:q", (dest, port))
+
+
+@needs_ipv6
+async def test_ipv6_wildcard_replies_from_the_address_asked() -> None:
+    async with udp_backend() as (bport, _), udp_proxy(bport, host_ip="::") as server:
+        port = server.relays[0].port
+        with client("::1") as c:
+            data, src = await asyncio.to_thread(ask, c, ("::1", port), b"q")
+        assert data == b"re:q" and src[:2] == ("::1", port)
+
+
+async def test_backend_absent_then_appearing_keeps_the_flow() -> None:
+    bport = free_port(kind=socket.SOCK_DGRAM)
+    async with udp_proxy(bport) as server:
+        port = server.relays[0].port
+        with client() as c:
+            c.sendto(b"early", ("127.0.0.1", port))  # ICMP port unreachable comes back
+            await asyncio.sleep(0.2)
+            c.sendto(b"early2", ("127.0.0.1", port))
+            await asyncio.sleep(0.2)
+            async with udp_backend(port=bport) as (_, backend):
+                data, _ = await asyncio.to_thread(ask, c, ("127.0.0.1", port), b"now")
+            assert data == b"re:now"
+        stats = server.relays[0].stats
+        assert stats.flows_created == 1  # the refusal never killed the flow
+
+
+async def test_one_sided_flow_keeps_its_source_port_then_expires() -> None:
+    """Only the client talks: the flow lives while it does (timeout counts either direction),
+    and gets a new source port after idling out."""
+
+    sources: list[tuple] = []
+
+    class Sink(asyncio.DatagramProtocol):
+        def datagram_received(self, data: bytes, addr) -> None:  # type: ignore[no-untyped-def]
+            sources.append(addr)
+
+    loop = asyncio.get_running_loop()
+    transport, _ = await loop.create_datagram_endpoint(Sink, local_addr=("127.0.0.1", 0))
+    bport = transport.get_extra_info("sockname")[1]
+    try:
+        async with udp_proxy(bport, "-udp-timeout", "300ms") as server:
+            port = server.relays[0].port
+            with client() as c:
+                for _ in range(8):  # 1.2 s of one-way traffic, four times the timeout
+                    c.sendto(b"tick", ("127.0.0.1", port))
+                    await asyncio.sleep(0.15)
+                await asyncio.sleep(0.8)  # now idle for more than the timeout
+                c.sendto(b"again", ("127.0.0.1", port))
+                await asyncio.sleep(0.2)
+            assert len(sources) == 9
+            assert len({s[1] for s in sources[:8]}) == 1
+            assert sources[8][1] != sources[0][1]
+            stats = server.relays[0].stats
+            assert stats.flows_expired >= 1 and stats.flows_created == 2
+    finally:
+        transport.close()
+
+
+async def test_largest_datagram_passes_whole_both_ways() -> None:
+    async with udp_backend() as (bport, _), udp_proxy(bport) as server:
+        port = server.relays[0].port
+        payload = bytes(range(256)) * 255 + b"x" * 227  # 65507 bytes: IPv4's largest
+        assert len(payload) == 65507
+        with client() as c:
+            data, _ = await asyncio.to_thread(ask, c, ("127.0.0.1", port), payload)
+        assert data == payload
+
+
+async def test_flow_cap_evicts_the_idlest_flow() -> None:
+    async with udp_backend() as (bport, backend), udp_proxy(bport, "-udp-max-flows", "3") as server:
+        port = server.relays[0].port
+        clients = [client() for _ in range(4)]
+        try:
+            for c in clients[:3]:
+                await asyncio.to_thread(ask, c, ("127.0.0.1", port), b"hi")
+            await asyncio.to_thread(ask, clients[1], ("127.0.0.1", port), b"again")
+            await asyncio.to_thread(ask, clients[2], ("127.0.0.1", port), b"again")
+            await asyncio.to_thread(ask, clients[3], ("127.0.0.1", port), b"new")  # evicts #0
+            relay = server.relays[0]
+            assert relay.stats.flows_evicted == 1 and len(relay.flows) == 3
+            assert clients[0].getsockname() not in relay.flows
+            assert clients[1].getsockname() in relay.flows
+            # the evicted client still gets service: a new flow (evicting the next idlest)
+            data, _ = await asyncio.to_thread(ask, clients[0], ("127.0.0.1", port), b"back")
+            assert data == b"re:back" and relay.stats.flows_evicted == 2
+        finally:
+            for c in clients:
+                c.close()
+
+
+def test_flow_table_bookkeeping() -> None:
+    """The table's order is the idleness order; no sockets needed to check it."""
+
+    class F:
+        def __init__(self, last: float) -> None:
+            self.last = last
+
+    table = FlowTable(max_flows=2)
+    table["a"], table["b"] = F(1.0), F(2.0)  # type: ignore[assignment]
+    table.move_to_end("a")
+    table["a"].last = 3.0
+    evicted = table.make_room()
+    assert evicted is not None and evicted.last == 2.0 and list(table) == ["a"]
+    table["c"] = F(4.0)  # type: ignore[assignment]
+    assert table.make_room().last == 3.0  # type: ignore[union-attr]
+    assert [f.last for f in table.expire(now=10.0, timeout=5.0)] == [4.0]
+    assert not table
