@@ -1,11 +1,14 @@
-"""Logging that survives dockerd pointing stderr at /dev/null: -log-file, JSON, levels;
-and the event loop's own error reports, folded into one line each, never a flood.
+"""Logging that survives dockerd pointing stderr at /dev/null (-log-file PATH or syslog, text
+or JSON), and the event loop's own error reports folded into one line each, never a flood.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import logging.handlers
+import os
 import time
 from typing import Any
 
@@ -16,14 +19,62 @@ log = logging.getLogger("pyproxy")
 # Resource exhaustion (EMFILE in accept) is reported by the loop once per failed accept: with a
 # backlog of thousands that is a flood. Say it once per this many seconds instead.
 EXHAUSTION_LOG_INTERVAL = 10.0
+SYSLOG_SOCKET = "/dev/log"
 
 
-def setup_logging(config: Config) -> None:
-    handler: logging.Handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+class JSONFormatter(logging.Formatter):
+    """One JSON object per line: time, level, message, pid."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S") + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "msg": record.getMessage(),
+            "pid": record.process,
+        }
+        if record.exc_info:
+            entry["error"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
+
+
+JSONFormatter.converter = time.gmtime
+
+
+class ReopenableFileHandler(logging.FileHandler):
+    """A log file that logrotate can move away: SIGHUP makes us open PATH afresh."""
+
+    def reopen(self) -> None:
+        old = self.setStream(self._open())
+        if old is not None:
+            old.close()
+
+
+def setup_logging(config: Config) -> logging.Handler:
+    """Configure the "pyproxy" logger; raises OSError naming the file if it can't be opened."""
+    handler: logging.Handler
+    if config.log_file == "syslog":
+        handler = logging.handlers.SysLogHandler(address=SYSLOG_SOCKET)
+        handler.ident = f"pyproxy[{os.getpid()}]: "
+    elif config.log_file:
+        handler = ReopenableFileHandler(config.log_file)
+    else:
+        handler = logging.StreamHandler()
+    if config.log_format == "json":
+        handler.setFormatter(JSONFormatter())
+    elif config.log_file == "syslog":
+        handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     log.handlers[:] = [handler]
     log.setLevel(config.log_level.upper())
     log.propagate = False
+    return handler
+
+
+def reopen_log_file() -> None:
+    for handler in log.handlers:
+        if isinstance(handler, ReopenableFileHandler):
+            handler.reopen()
 
 
 class LoopErrorReporter:

@@ -10,12 +10,13 @@ import os
 import resource
 import signal
 import sys
+import threading
 from collections.abc import Coroutine
 from typing import Any, Union
 
-from proxy.config import Config, Mapping
-from proxy.logs import LoopErrorReporter, setup_logging
-from proxy.listeners import StartupError, adopt_listen_fd, bind_listener
+from proxy.config import Config, Mapping, format_hostport
+from proxy.listeners import StartupError, adopt_listen_fd, bind_listener, go_strerror
+from proxy.logs import LoopErrorReporter, reopen_log_file, setup_logging
 from proxy.stats import MappingStats
 from proxy.statuspipe import StatusPipe
 from proxy.tcp import TcpListener
@@ -54,15 +55,27 @@ class Server:
         self.relays: list[Relay] = []
         self.stats: dict[Mapping, MappingStats] = {}
         self._stop: asyncio.Future[int] | None = None
+        self._metrics_server: Any = None
 
     async def start(self) -> None:
         """Open every mapping; if one fails, close the others and raise (all or nothing)."""
         try:
             for mapping in self.config.mappings:
                 await self._open(mapping)
+            if self.config.metrics_addr:
+                self._start_metrics(self.config.metrics_addr)
         except BaseException:
             self.close_listeners()
             raise
+
+    def _start_metrics(self, addr: tuple[str, int]) -> None:
+        from proxy.metrics import make_registry, serve_metrics  # only paid for when asked
+
+        try:
+            self._metrics_server, _ = serve_metrics(addr, make_registry(self.stats))
+        except OSError as exc:
+            where = f"metrics: listen tcp {format_hostport(addr[0], addr[1])}"
+            raise StartupError(f"{where}: bind: {go_strerror(exc)}") from None
 
     async def _open(self, mapping: Mapping) -> None:
         if mapping.proto == "sctp" and not self.config.use_listen_fd:
@@ -84,6 +97,11 @@ class Server:
         self.relays.append(relay)
 
     def close_listeners(self) -> None:
+        if self._metrics_server is not None:
+            # shutdown() waits up to the server's 0.5 s poll interval: never make exit wait.
+            metrics, self._metrics_server = self._metrics_server, None
+            threading.Thread(target=lambda: (metrics.shutdown(), metrics.server_close()),
+                             daemon=True).start()
         for relay in self.relays:
             if isinstance(relay, TcpListener):
                 relay.stop_accepting()
@@ -108,6 +126,7 @@ class Server:
         self._stop = loop.create_future()
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(signum, self._on_stop_signal, signum)
+        loop.add_signal_handler(signal.SIGHUP, reopen_log_file)  # after logrotate moved it
         signum = await self._stop
         await self.shutdown(drain=signum == signal.SIGTERM)
         return 0
@@ -149,7 +168,13 @@ def _bind_first_free(mapping: Mapping) -> tuple[Any, int]:
 
 def run(config: Config, status: StatusPipe) -> int:
     raise_nofile_limit()
-    setup_logging(config)
+    try:
+        setup_logging(config)
+    except OSError as exc:
+        message = f"-log-file {config.log_file}: {go_strerror(exc)}"
+        print(f"pyproxy: {message}", file=sys.stderr)
+        status.fail(message)
+        return 1
     main: Coroutine[Any, Any, int] = Server(config, status).serve()
     try:
         return event_loop_runner()(main)  # type: ignore[no-any-return]

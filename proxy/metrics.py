@@ -1,0 +1,97 @@
+"""Prometheus metrics: a collector that reads the relays' plain-int counters at scrape time.
+
+Labelled by mapping (proto, host address and port, container address and port), never by
+client: a label per client would grow without bound. Imported only with -metrics-addr.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping as MappingType
+
+from prometheus_client import CollectorRegistry, ProcessCollector, start_http_server
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
+
+from proxy.config import Mapping
+from proxy.stats import DIAL_BUCKETS, MappingStats
+
+LABELS = ["proto", "host_ip", "host_port", "container_ip", "container_port"]
+
+
+def _label_values(mapping: Mapping) -> list[str]:
+    return [mapping.proto, str(mapping.host_ip), str(mapping.host_port),
+            str(mapping.container_ip), str(mapping.container_port)]
+
+
+class StatsCollector(Collector):
+    """Turns every mapping's MappingStats into metric families, when scraped."""
+
+    def __init__(self, stats: MappingType[Mapping, MappingStats]) -> None:
+        self._stats = stats
+
+    def collect(self) -> Iterator[Metric]:
+        def counter(name: str, doc: str, extra: list[str] | None = None) -> CounterMetricFamily:
+            return CounterMetricFamily(f"pyproxy_{name}", doc, labels=LABELS + (extra or []))
+
+        def gauge(name: str, doc: str) -> GaugeMetricFamily:
+            return GaugeMetricFamily(f"pyproxy_{name}", doc, labels=LABELS)
+
+        accepted = counter("connections_accepted_total", "TCP connections accepted")
+        active = gauge("connections_active", "TCP connections open now")
+        rejected = counter("connections_rejected_total",
+                           "TCP connections closed at once: client not allowed, or over -max-conns",
+                           ["reason"])
+        dial_failed = counter("backend_dial_failures_total", "backend connects that failed")
+        dial = HistogramMetricFamily("pyproxy_backend_dial_duration_seconds",
+                                     "time to connect to the backend", labels=LABELS)
+        tcp_bytes = counter("bytes_total", "bytes relayed over TCP", ["direction"])
+        flows_active = gauge("udp_flows_active", "UDP flows in the table now")
+        flows = counter("udp_flows_total", "UDP flows by how they began or ended", ["event"])
+        datagrams = counter("udp_datagrams_total", "UDP datagrams relayed", ["direction"])
+        dropped = counter("udp_datagrams_dropped_total",
+                          "UDP datagrams not relayed: send failed, no socket, or client not allowed",
+                          ["reason"])
+        for mapping, s in list(self._stats.items()):
+            lv = _label_values(mapping)
+            if mapping.proto == "udp":
+                flows_active.add_metric(lv, s.flows_active)
+                for event, value in (("created", s.flows_created), ("expired", s.flows_expired),
+                                     ("evicted", s.flows_evicted)):
+                    flows.add_metric(lv + [event], value)
+                datagrams.add_metric(lv + ["client_to_container"], s.datagrams_from_client)
+                datagrams.add_metric(lv + ["container_to_client"], s.datagrams_from_container)
+                dropped.add_metric(lv + ["error"], s.datagrams_dropped)
+                dropped.add_metric(lv + ["denied"], s.datagrams_denied)
+                continue
+            accepted.add_metric(lv, s.accepted)
+            active.add_metric(lv, s.active)
+            rejected.add_metric(lv + ["denied"], s.rejected_denied)
+            rejected.add_metric(lv + ["limit"], s.rejected_limit)
+            dial_failed.add_metric(lv, s.dial_failures)
+            cumulative, buckets = 0, []
+            for bound, count in zip([*map(str, DIAL_BUCKETS), "+Inf"], s.dial_bucket_counts):
+                cumulative += count
+                buckets.append((bound, cumulative))
+            dial.add_metric(lv, buckets, s.dial_seconds_sum)
+            tcp_bytes.add_metric(lv + ["client_to_container"], s.bytes_from_client)
+            tcp_bytes.add_metric(lv + ["container_to_client"], s.bytes_from_container)
+        yield from (accepted, active, rejected, dial_failed, dial, tcp_bytes,
+                    flows_active, flows, datagrams, dropped)
+
+
+def make_registry(stats: MappingType[Mapping, MappingStats]) -> CollectorRegistry:
+    """A fresh registry with our collector and the process metrics (CPU, memory, fds)."""
+    registry = CollectorRegistry()
+    registry.register(StatsCollector(stats))
+    ProcessCollector(registry=registry)
+    return registry
+
+
+def serve_metrics(addr: tuple[str, int], registry: CollectorRegistry):  # type: ignore[no-untyped-def]
+    """prometheus-client's own HTTP server, in its thread; returns (server, thread)."""
+    return start_http_server(addr[1], addr=addr[0], registry=registry)
