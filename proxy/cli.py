@@ -137,6 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
          action="append", metavar="CIDR")
     flag("proxy-protocol", _parse_proxy_protocol, 0, "send a PROXY protocol header (v1 or v2)",
          metavar="v1|v2")
+    boolean("transparent", "connect to the container from the client's own address "
+            "(IP_TRANSPARENT; needs CAP_NET_ADMIN and policy routing)")
     flag("metrics-addr", _parse_metrics_addr, None, "serve Prometheus metrics on HOST:PORT",
          metavar="HOST:PORT")
     flag("log-level", _parse_choice("debug", "info", "warning", "error"), "info",
@@ -179,6 +181,9 @@ def config_from_args(args: argparse.Namespace) -> Config:
         raise UsageError("nothing to publish: give -host-port and -container-port, or -p")
     if args.use_listen_fd and len(mappings) != 1:
         raise UsageError("argument -use-listen-fd: fd 4 serves exactly one mapping")
+    if args.transparent and args.proxy_protocol:
+        raise UsageError("argument -transparent: the container already sees the client; "
+                         "drop -proxy-protocol")
     if args.proxy_protocol == 1 and any(m.proto == "udp" for m in mappings):
         raise UsageError("argument -proxy-protocol: UDP needs v2 (v1 is text for TCP streams)")
     return Config(
@@ -191,6 +196,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
         max_conns=args.max_conns,
         allow=args.allow or (),
         proxy_protocol=args.proxy_protocol,
+        transparent=args.transparent,
         metrics_addr=args.metrics_addr,
         log_level=args.log_level,
         log_format=args.log_format,

@@ -251,6 +251,7 @@ class Config:
     max_conns: int = field(default=0, validator=_positive)
     allow: tuple[IPNetwork, ...] = field(default=(), converter=tuple)
     proxy_protocol: int = 0  # 0 (off), 1 or 2
+    transparent: bool = False
     metrics_addr: tuple[str, int] | None = None
     log_level: str = "info"
     log_format: str = "text"

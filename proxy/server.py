@@ -15,6 +15,7 @@ from collections.abc import Coroutine
 from typing import Any, Union
 
 from proxy.config import Config, Mapping, format_hostport
+from proxy import transparent
 from proxy.listeners import StartupError, adopt_listen_fd, bind_listener, go_strerror
 from proxy.logs import LoopErrorReporter, reopen_log_file, setup_logging
 from proxy.stats import MappingStats
@@ -78,6 +79,8 @@ class Server:
             raise StartupError(f"{where}: bind: {go_strerror(exc)}") from None
 
     async def _open(self, mapping: Mapping) -> None:
+        if self.config.transparent:
+            transparent.check_allowed(mapping.container_ip)
         if mapping.proto == "sctp" and not self.config.use_listen_fd:
             # Probe kernel support first, so the error is about SCTP and not about a port.
             bind_listener(mapping, 0).close()

@@ -15,7 +15,7 @@ import struct
 import time
 from typing import TYPE_CHECKING
 
-from proxy import proxyproto
+from proxy import proxyproto, transparent
 from proxy.access import AllowList
 from proxy.config import Config, Mapping
 from proxy.listeners import BACKLOG
@@ -219,6 +219,7 @@ class TcpListener:
         self.proxy_protocol = config.proxy_protocol
         self.dial_timeout = config.dial_timeout or None
         self.dial_retry = config.dial_retry
+        self.transparent = config.transparent
         self.connections: set[ClientSide] = set()
         self._backend = (str(mapping.container_ip), mapping.container_port)
         self._server: asyncio.AbstractServer | None = None
@@ -257,20 +258,40 @@ class TcpListener:
         while True:
             try:
                 async with asyncio.timeout(self.dial_timeout):
-                    await loop.create_connection(lambda: ContainerSide(client, header), *self._backend)
+                    await self._connect(client, header)
                 break
             except ConnectionRefusedError as exc:
                 if time.monotonic() + wait > deadline:
                     return self._dial_failed(client, exc)
                 await asyncio.sleep(wait)
                 wait = min(wait * 2, RETRY_CAP)
-            except (OSError, TimeoutError) as exc:
+            except (OSError, TimeoutError, ValueError) as exc:
                 return self._dial_failed(client, exc)
         self.stats.observe_dial(time.monotonic() - started)
 
+    async def _connect(self, client: ClientSide, header: bytes | None) -> None:
+        loop = asyncio.get_running_loop()
+        if not self.transparent:
+            await loop.create_connection(lambda: ContainerSide(client, header), *self._backend)
+            return
+        assert client.transport is not None
+        peer = client.transport.get_extra_info("peername")
+        sock = transparent.source_socket(socket.SOCK_STREAM, peer[0], self.mapping.container_ip)
+        try:
+            await loop.sock_connect(sock, self._backend)
+        except BaseException:
+            sock.close()
+            raise
+        await loop.create_connection(lambda: ContainerSide(client, header), sock=sock)
+
     def _dial_failed(self, client: ClientSide, exc: BaseException) -> None:
         self.stats.dial_failures += 1
-        reason = "timed out" if isinstance(exc, TimeoutError) else exc.strerror or str(exc)  # type: ignore[union-attr]
+        if isinstance(exc, TimeoutError):
+            reason = "timed out"
+            if self.transparent:
+                reason += " (with -transparent: is the policy routing for replies in place?)"
+        else:
+            reason = getattr(exc, "strerror", None) or str(exc)
         peer = client.transport.get_extra_info("peername") if client.transport else None
         log.warning(
             "%s: client %s: dial %s: %s", self.mapping.proto, peer and peer[0:2],

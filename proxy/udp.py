@@ -17,7 +17,7 @@ from typing import Any
 
 from attrs import define
 
-from proxy import proxyproto
+from proxy import proxyproto, transparent
 from proxy.access import AllowList
 from proxy.config import Config, Mapping, family_of
 from proxy.stats import MappingStats
@@ -95,6 +95,7 @@ class UdpRelay:
         self.flows = FlowTable(config.udp_max_flows)
         self.allow = AllowList(config.allow)
         self.proxy_protocol = config.proxy_protocol
+        self.transparent = config.transparent
         self._backend = (str(mapping.container_ip), mapping.container_port)
         self._backend_family = family_of(mapping.container_ip)
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -178,10 +179,14 @@ class UdpRelay:
             self._close_flow(evicted)
             stats.flows_evicted += 1
         try:
-            sock = socket.socket(self._backend_family, socket.SOCK_DGRAM)
-        except OSError as exc:  # out of fds: drop this datagram, keep serving the others
+            if self.transparent:
+                sock = transparent.source_socket(socket.SOCK_DGRAM, client[0], self.mapping.container_ip)
+            else:
+                sock = socket.socket(self._backend_family, socket.SOCK_DGRAM)
+        except (OSError, ValueError) as exc:  # out of fds, say: drop it, keep serving the others
             stats.datagrams_dropped += 1
-            log.warning("udp: client %s: no socket for a new flow: %s", client[:2], exc.strerror)
+            log.warning("udp: client %s: no socket for a new flow: %s", client[:2],
+                        getattr(exc, "strerror", None) or exc)
             return None
         sock.setblocking(False)
         try:

@@ -47,10 +47,11 @@ class Proxy:
     """A pyproxy subprocess started with a status pipe on fd 3, as dockerd starts it."""
 
     def __init__(self, args: list[str], *, pass_fds: dict[int, int] | None = None,
-                 env: dict[str, str] | None = None, preexec=None, wait_ready: bool = True) -> None:
+                 env: dict[str, str] | None = None, preexec=None, wait_ready: bool = True,
+                 prefix: list[str] | None = None) -> None:
         read_end, write_end = os.pipe()
         fds = {3: write_end, **(pass_fds or {})}
-        self.proc = spawn(args, fds, env=env, preexec=preexec)
+        self.proc = spawn(args, fds, env=env, preexec=preexec, prefix=prefix)
         os.close(write_end)
         self.status = read_status(read_end)
         os.close(read_end)
@@ -79,8 +80,13 @@ def output(proc: subprocess.Popen) -> tuple[bytes, bytes]:
     return result[0], result[1]
 
 
-def spawn(args: list[str], fds: dict[int, int], *, env=None, preexec=None) -> subprocess.Popen:
-    """Run pyproxy with `fds` placed at exactly those descriptor numbers in the child."""
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def spawn(args: list[str], fds: dict[int, int], *, env=None, preexec=None,
+          prefix: list[str] | None = None) -> subprocess.Popen:
+    """Run pyproxy with `fds` placed at exactly those descriptor numbers in the child
+    (behind `prefix`, such as `ip netns exec NS`, which keeps them)."""
 
     def place_fds() -> None:
         # dup2 via scratch copies so that a source fd equal to a target is not clobbered, then
@@ -98,7 +104,7 @@ def spawn(args: list[str], fds: dict[int, int], *, env=None, preexec=None) -> su
     # Output goes to files, not pipes: a child must never block on a pipe nobody reads yet.
     files = (tempfile.TemporaryFile(), tempfile.TemporaryFile())
     proc = subprocess.Popen(
-        [sys.executable, "-m", "proxy", *args],
+        [*(prefix or []), sys.executable, "-m", "proxy", *args], cwd=REPO,
         stdout=files[0], stderr=files[1], close_fds=True,
         # subprocess closes every fd not listed here *after* preexec_fn has placed them
         pass_fds=sorted(set(fds.values()) | set(fds)), preexec_fn=place_fds, env=full_env,
