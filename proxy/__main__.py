@@ -1,5 +1,5 @@
-"""`python -m proxy` runs the same command line as the `pyproxy` script."""
+"""`python -m proxy` runs the same command as the `pyproxy` script."""
 
-from proxy.cli import main
+from proxy.launch import main
 
 raise SystemExit(main())

@@ -23,6 +23,7 @@ from proxy.config import (
     parse_ip,
     parse_publish,
 )
+from proxy.launch import DEFAULT_ENGINE_SOCKET, ENGINE_SOCKET_ENV, engine_socket_path
 from proxy.statuspipe import StatusPipe
 
 USAGE_EXIT = 2
@@ -145,6 +146,10 @@ def build_parser() -> argparse.ArgumentParser:
          "debug, info, warning or error")
     flag("log-format", _parse_choice("text", "json"), "text", "text or json")
     flag("log-file", None, None, "log to PATH (reopened on SIGHUP), or 'syslog'", metavar="PATH")
+    boolean("engine", "run the shared engine that serves the mappings of spawned pyproxies")
+    flag("engine-socket", None, engine_socket_path(),
+         f"the engine's Unix socket (default ${ENGINE_SOCKET_ENV} or {DEFAULT_ENGINE_SOCKET})",
+         metavar="PATH")
     flag("drain-timeout", parse_duration, 0.0,
          "on SIGTERM, let open connections finish for up to D (default 0: exit at once)",
          metavar="D")
@@ -177,7 +182,10 @@ def config_from_args(args: argparse.Namespace) -> Config:
             mappings += parse_publish(spec, args.container_ip)
         except ValueError as exc:
             raise UsageError(f"argument -p: invalid value {spec!r}: {exc}") from None
-    if not mappings:
+    if args.engine and mappings:
+        raise UsageError("argument -engine: the engine serves what spawned pyproxies hand it; "
+                         "give it no -host-port or -p")
+    if not mappings and not args.engine:
         raise UsageError("nothing to publish: give -host-port and -container-port, or -p")
     if args.use_listen_fd and len(mappings) != 1:
         raise UsageError("argument -use-listen-fd: fd 4 serves exactly one mapping")
@@ -202,6 +210,8 @@ def config_from_args(args: argparse.Namespace) -> Config:
         log_format=args.log_format,
         log_file=args.log_file,
         drain_timeout=args.drain_timeout,
+        engine=args.engine,
+        engine_socket=args.engine_socket,
     )
 
 

@@ -242,7 +242,7 @@ def _positive(instance: object, attribute: attrs.Attribute, value: float) -> Non
 class Config:
     """Everything one pyproxy process serves and how; built once by the CLI, never changed."""
 
-    mappings: tuple[Mapping, ...] = field(converter=tuple)
+    mappings: tuple[Mapping, ...] = field(converter=tuple, default=())
     use_listen_fd: bool = False
     udp_timeout: float = field(default=90.0, validator=_positive)
     udp_max_flows: int = field(default=16384, validator=_positive)
@@ -257,3 +257,5 @@ class Config:
     log_format: str = "text"
     log_file: str | None = None
     drain_timeout: float = field(default=0.0, validator=_positive)
+    engine: bool = False  # serve the mappings that spawned pyproxies hand over (proxy.engine)
+    engine_socket: str = "/run/pyproxy/engine.sock"

@@ -84,14 +84,20 @@ def bind_listener(mapping: Mapping, port: int) -> socket.socket:
     return sock
 
 
-def adopt_listen_fd(mapping: Mapping) -> socket.socket:
-    """The socket dockerd bound and passed on fd 4 (-use-listen-fd), used exactly as it is."""
+def adopt_listen_fd(mapping: Mapping, fd: int | None = LISTEN_FD) -> socket.socket:
+    """The socket dockerd bound and passed on fd 4 (-use-listen-fd), used exactly as it is.
+
+    `fd` is where that socket is now: 4 in the spawned process, another number in the engine
+    it was handed to, None if none was passed. Messages name fd 4, which is what users know.
+    """
     where = f"listen fd {LISTEN_FD} for {mapping.proto}"
+    if fd is None:
+        raise StartupError(f"{where}: {go_strerror(OSError(errno.EBADF, ''))}")
     try:
-        sock = socket.socket(fileno=LISTEN_FD)
+        sock = socket.socket(fileno=fd)
     except OSError as exc:
         raise StartupError(f"{where}: {go_strerror(exc)}") from None
-    os.set_inheritable(LISTEN_FD, False)
+    os.set_inheritable(fd, False)
     expected_kind, _ = _sock_type(mapping)
     actual = {socket.SOCK_STREAM: "a stream socket", socket.SOCK_DGRAM: "a datagram socket"}
     if sock.type != expected_kind or sock.family not in (socket.AF_INET, socket.AF_INET6):

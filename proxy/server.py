@@ -11,12 +11,17 @@ import resource
 import signal
 import sys
 import threading
-from collections.abc import Coroutine
 from typing import Any, Union
 
 from proxy.config import Config, Mapping, format_hostport
 from proxy import transparent
-from proxy.listeners import StartupError, adopt_listen_fd, bind_listener, go_strerror
+from proxy.listeners import (
+    LISTEN_FD,
+    StartupError,
+    adopt_listen_fd,
+    bind_listener,
+    go_strerror,
+)
 from proxy.logs import LoopErrorReporter, reopen_log_file, setup_logging
 from proxy.stats import MappingStats
 from proxy.statuspipe import StatusPipe
@@ -50,12 +55,12 @@ def event_loop_runner() -> Any:
 class Server:
     """Owns the relays of one process and their shutdown."""
 
-    def __init__(self, config: Config, status: StatusPipe) -> None:
+    def __init__(self, config: Config, status: StatusPipe, listen_fd: int | None = LISTEN_FD) -> None:
         self.config = config
         self.status = status
+        self.listen_fd = listen_fd  # where -use-listen-fd finds its socket
         self.relays: list[Relay] = []
         self.stats: dict[Mapping, MappingStats] = {}
-        self._stop: asyncio.Future[int] | None = None
         self._metrics_server: Any = None
 
     async def start(self) -> None:
@@ -64,19 +69,10 @@ class Server:
             for mapping in self.config.mappings:
                 await self._open(mapping)
             if self.config.metrics_addr:
-                self._start_metrics(self.config.metrics_addr)
+                self._metrics_server = start_metrics(self.config.metrics_addr, self.stats)
         except BaseException:
             self.close_listeners()
             raise
-
-    def _start_metrics(self, addr: tuple[str, int]) -> None:
-        from proxy.metrics import make_registry, serve_metrics  # only paid for when asked
-
-        try:
-            self._metrics_server, _ = serve_metrics(addr, make_registry(self.stats))
-        except OSError as exc:
-            where = f"metrics: listen tcp {format_hostport(addr[0], addr[1])}"
-            raise StartupError(f"{where}: bind: {go_strerror(exc)}") from None
 
     async def _open(self, mapping: Mapping) -> None:
         if self.config.transparent:
@@ -86,7 +82,7 @@ class Server:
             bind_listener(mapping, 0).close()
         adopted = self.config.use_listen_fd
         if adopted:
-            sock, port = adopt_listen_fd(mapping), mapping.host_port
+            sock, port = adopt_listen_fd(mapping, self.listen_fd), mapping.host_port
         else:
             sock, port = _bind_first_free(mapping)
         stats = self.stats.setdefault(mapping.with_port(port), MappingStats())
@@ -111,8 +107,11 @@ class Server:
             else:
                 relay.stop()
 
+    def mapping_lines(self) -> list[str]:
+        """What this server publishes, in `docker port` format."""
+        return [relay.mapping.docker_port_line(relay.port) for relay in self.relays]
+
     async def serve(self) -> int:
-        asyncio.get_running_loop().set_exception_handler(LoopErrorReporter())
         try:
             await self.start()
         except StartupError as exc:
@@ -120,23 +119,13 @@ class Server:
             self.status.fail(str(exc))
             print(f"pyproxy: {exc}", file=sys.stderr)
             return 1
-        self.status.ready()
-        for relay in self.relays:
-            line = relay.mapping.docker_port_line(relay.port)
-            print(line, flush=True)
+        for line, relay in zip(self.mapping_lines(), self.relays):
+            print(line, flush=True)  # before "ready": whoever waits on fd 3 can read them
             log.info("serving %s -> %s", line, relay.mapping.backend())
-        loop = asyncio.get_running_loop()
-        self._stop = loop.create_future()
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(signum, self._on_stop_signal, signum)
-        loop.add_signal_handler(signal.SIGHUP, reopen_log_file)  # after logrotate moved it
-        signum = await self._stop
+        self.status.ready()
+        signum = await wait_for_stop_signal()
         await self.shutdown(drain=signum == signal.SIGTERM)
         return 0
-
-    def _on_stop_signal(self, signum: int) -> None:
-        if self._stop is not None and not self._stop.done():
-            self._stop.set_result(signum)
 
     async def shutdown(self, *, drain: bool) -> None:
         """Stop accepting; on SIGTERM with -drain-timeout, let connections finish; close the rest."""
@@ -149,6 +138,33 @@ class Server:
         aborted = sum(r.abort_all() for r in tcp)
         log.info("stopped; closed %d open connection(s)", aborted)
         await asyncio.sleep(0)  # let the transports' connection_lost callbacks run
+
+
+async def wait_for_stop_signal() -> int:
+    """Serve until SIGINT or SIGTERM (returned); SIGHUP meanwhile reopens the log file."""
+    loop = asyncio.get_running_loop()
+    stop: asyncio.Future[int] = loop.create_future()
+
+    def on_stop(signum: int) -> None:
+        if not stop.done():
+            stop.set_result(signum)
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, on_stop, signum)
+    loop.add_signal_handler(signal.SIGHUP, reopen_log_file)  # after logrotate moved it
+    return await stop
+
+
+def start_metrics(addr: tuple[str, int], stats: dict[Mapping, MappingStats]) -> Any:
+    """The /metrics endpoint over `stats` (read at scrape time); returns its HTTP server."""
+    from proxy.metrics import make_registry, serve_metrics  # only paid for when asked
+
+    try:
+        server, _ = serve_metrics(addr, make_registry(stats))
+    except OSError as exc:
+        where = f"metrics: listen tcp {format_hostport(addr[0], addr[1])}"
+        raise StartupError(f"{where}: bind: {go_strerror(exc)}") from None
+    return server
 
 
 def _bind_first_free(mapping: Mapping) -> tuple[Any, int]:
@@ -169,6 +185,15 @@ def _bind_first_free(mapping: Mapping) -> tuple[Any, int]:
     raise last_error
 
 
+async def _main(config: Config, status: StatusPipe) -> int:
+    asyncio.get_running_loop().set_exception_handler(LoopErrorReporter())
+    if config.engine:
+        from proxy.engine import Engine
+
+        return await Engine(config).serve(status)
+    return await Server(config, status).serve()
+
+
 def run(config: Config, status: StatusPipe) -> int:
     raise_nofile_limit()
     try:
@@ -178,9 +203,8 @@ def run(config: Config, status: StatusPipe) -> int:
         print(f"pyproxy: {message}", file=sys.stderr)
         status.fail(message)
         return 1
-    main: Coroutine[Any, Any, int] = Server(config, status).serve()
     try:
-        return event_loop_runner()(main)  # type: ignore[no-any-return]
+        return event_loop_runner()(_main(config, status))  # type: ignore[no-any-return]
     except KeyboardInterrupt:  # a signal before the handlers were installed
         return 0
 

@@ -100,7 +100,9 @@ def spawn(args: list[str], fds: dict[int, int], *, env=None, preexec=None,
         if preexec:
             preexec()
 
-    full_env = {**os.environ, **(env or {})}
+    # Standalone unless a test hands an engine's socket: an engine elsewhere on the machine
+    # must not change what a test exercises.
+    full_env = {**os.environ, "PYPROXY_ENGINE_SOCKET": "", **(env or {})}
     # Output goes to files, not pipes: a child must never block on a pipe nobody reads yet.
     files = (tempfile.TemporaryFile(), tempfile.TemporaryFile())
     proc = subprocess.Popen(
