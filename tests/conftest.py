@@ -43,6 +43,27 @@ def free_port(host: str = "127.0.0.1", kind: int = socket.SOCK_STREAM) -> int:
         return s.getsockname()[1]
 
 
+def free_port_block(count: int, host: str = "127.0.0.1") -> int:
+    """The first of `count` consecutive free TCP ports."""
+    for _ in range(100):
+        base = free_port(host)
+        if base + count > 65535:
+            continue
+        socks = []
+        try:
+            for port in range(base, base + count):
+                s = socket.socket()
+                socks.append(s)
+                s.bind((host, port))
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError("no block of free ports")
+
+
 class Proxy:
     """A pyproxy subprocess started with a status pipe on fd 3, as dockerd starts it."""
 
