@@ -65,7 +65,10 @@ def free_port_block(count: int, host: str = "127.0.0.1") -> int:
 
 
 class Proxy:
-    """A pyproxy subprocess started with a status pipe on fd 3, as dockerd starts it."""
+    """A pyproxy subprocess started with a status pipe on fd 3, as dockerd starts it.
+    Every one is killed when its test ends, whatever the test did (see reap_proxies)."""
+
+    started: list[Proxy] = []
 
     def __init__(self, args: list[str], *, pass_fds: dict[int, int] | None = None,
                  env: dict[str, str] | None = None, preexec=None, wait_ready: bool = True,
@@ -73,6 +76,7 @@ class Proxy:
         read_end, write_end = os.pipe()
         fds = {3: write_end, **(pass_fds or {})}
         self.proc = spawn(args, fds, env=env, preexec=preexec, prefix=prefix)
+        Proxy.started.append(self)
         os.close(write_end)
         self.status = read_status(read_end)
         os.close(read_end)
@@ -159,7 +163,15 @@ def proxy_loop_env(request: pytest.FixtureRequest) -> dict[str, str]:
 
 @pytest.fixture
 def proxies() -> Iterator[list[Proxy]]:
-    started: list[Proxy] = []
-    yield started
-    for p in started:
-        p.stop(signal.SIGKILL, timeout=2)
+    """A list to keep proxies in; reap_proxies kills them (and every other) at the end."""
+    yield []
+
+
+@pytest.fixture(autouse=True)
+def reap_proxies() -> Iterator[None]:
+    yield
+    while Proxy.started:
+        p = Proxy.started.pop()
+        if p.proc.poll() is None:
+            p.proc.kill()
+            p.proc.wait()
