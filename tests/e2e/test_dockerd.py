@@ -1,0 +1,160 @@
+"""pyproxy as the userland proxy of a real dockerd 20.10, standalone and through the engine."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+
+import pytest
+
+from tests.conftest import Proxy, free_port, free_port_block
+from tests.dockerlab import DockerLab, docker_available
+
+pytestmark = [
+    pytest.mark.heavy,
+    pytest.mark.timeout(300),
+    pytest.mark.skipif(not docker_available(), reason="needs root, docker.io, containerd, runc, busybox-static"),
+]
+
+PYPROXY = os.path.join(os.path.dirname(sys.executable), "pyproxy")  # the installed console script
+
+
+@pytest.fixture(scope="module", params=["standalone", "engine"])
+def lab(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[DockerLab]:
+    env = {"PYPROXY_ENGINE_SOCKET": ""}
+    engine = None
+    if request.param == "engine":
+        path = str(tmp_path_factory.mktemp("engine") / "engine.sock")
+        engine = Proxy(["-engine", "-engine-socket", path])
+        Proxy.started.remove(engine)  # lives for the module, not one test
+        env = {"PYPROXY_ENGINE_SOCKET": path}
+    lab = DockerLab(PYPROXY, env=env)
+    lab.mode = request.param  # type: ignore[attr-defined]
+    try:
+        lab.import_busybox()
+        lab.import_dnsmasq()
+        yield lab
+    finally:
+        lab.close()
+        if engine is not None:
+            engine.stop()
+
+
+def http_get(host: str, port: int) -> str:
+    url = f"http://{'[' + host + ']' if ':' in host else host}:{port}/"
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=5) as r:
+                return r.read().decode()
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)  # httpd inside the container may still be starting
+
+
+def proxy_processes() -> list[list[str]]:
+    """Command lines of every pyproxy process (standalone, or its waiter in engine mode)."""
+    found = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            argv = open(f"/proc/{pid}/cmdline", "rb").read().split(b"\0")
+        except OSError:
+            continue
+        args = [a.decode() for a in argv if a]
+        if (any(a.endswith("pyproxy") for a in args[:2]) or args[:1] == ["pyproxy-wait"]) \
+                and "-engine" not in args:
+            found.append(args)
+    return found
+
+
+def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
+    s = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as a server binds: TIME_WAIT is fine
+    try:
+        s.bind((host, port))
+        return True
+    except OSError:
+        return False
+    finally:
+        s.close()
+
+
+def test_tcp_published_ports_reach_the_container(lab: DockerLab) -> None:
+    p, q = free_port(), free_port()
+    lab.docker("run", "-d", "--name", "web", "-p", f"127.0.0.1:{p}:80", "-p", f"{q}:80",
+               "pp-busybox:test", "httpd", "-f", "-p", "80", "-h", "/www")
+    try:
+        for host, port in (("127.0.0.1", p), ("127.0.0.1", q), ("::1", q)):
+            assert http_get(host, port) == "hello from the container\n"
+        # dockerd spawned one pyproxy per port and family, with docker-proxy's flags
+        if lab.mode == "standalone":  # type: ignore[attr-defined]
+            lines = [" ".join(a[a.index("-proto"):]) for a in proxy_processes() if "-proto" in a]
+            container_ip = lab.docker("inspect", "-f", "{{.NetworkSettings.IPAddress}}", "web").stdout.decode().strip()
+            for host_ip, port in (("127.0.0.1", p), ("0.0.0.0", q), ("::", q)):
+                assert (f"-proto tcp -host-ip {host_ip} -host-port {port} -container-ip {container_ip} "
+                        f"-container-port 80") in lines
+        else:  # each spawned pyproxy became a tiny waiter holding its mapping in the engine
+            waiters = [a for a in proxy_processes() if a and a[0] == "pyproxy-wait"]
+            assert len(waiters) >= 3
+        # docker stop: pyproxy exits on dockerd's SIGINT at once, and every port is free after
+        started = time.monotonic()
+        lab.docker("stop", "-t", "0", "web")
+        assert time.monotonic() - started < 10
+        assert port_is_free(p) and port_is_free(q) and port_is_free(q, "::")
+    finally:
+        lab.docker("rm", "-f", "web", check=False)
+
+
+def test_udp_published_port_answers_through_the_proxy(lab: DockerLab) -> None:
+    u = free_port(kind=socket.SOCK_DGRAM)
+    lab.docker("run", "-d", "--name", "dns", "-p", f"127.0.0.1:{u}:53/udp", "pp-dnsmasq:test",
+               "/usr/sbin/dnsmasq", "--keep-in-foreground", "--no-resolv", "--no-hosts",
+               "--address=/pyproxy.test/192.0.2.7", "--user=root", "--pid-file=")
+    try:
+        deadline = time.monotonic() + 15
+        while True:
+            dig = subprocess.run(["dig", "@127.0.0.1", "-p", str(u), "pyproxy.test", "+short",
+                                  "+tries=1", "+timeout=2"], capture_output=True, text=True, timeout=10)
+            if dig.stdout.strip() == "192.0.2.7" or time.monotonic() > deadline:
+                break
+            time.sleep(0.3)
+        assert dig.stdout.strip() == "192.0.2.7", dig.stdout + dig.stderr
+    finally:
+        lab.docker("rm", "-f", "dns", check=False)
+
+
+def test_taken_host_port_fails_docker_run_with_pyproxys_error(lab: DockerLab) -> None:
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    port = taken.getsockname()[1]
+    try:
+        run = lab.docker("run", "-d", "--name", "clash", "-p", f"127.0.0.1:{port}:80",
+                         "pp-busybox:test", "httpd", "-f", "-p", "80", check=False)
+        assert run.returncode != 0
+        assert (f"Error starting userland proxy: listen tcp4 127.0.0.1:{port}: bind: "
+                "address already in use").encode() in run.stderr
+    finally:
+        lab.docker("rm", "-f", "clash", check=False)
+        taken.close()
+
+
+def test_published_range(lab: DockerLab) -> None:
+    base = free_port_block(4)
+    lab.docker("run", "-d", "--name", "range", "-p", f"127.0.0.1:{base}-{base + 3}:{base}-{base + 3}",
+               "pp-busybox:test", "httpd", "-f", "-p", str(base + 2), "-h", "/www")
+    try:
+        assert http_get("127.0.0.1", base + 2) == "hello from the container\n"
+    finally:
+        lab.docker("rm", "-f", "range", check=False)
+    for port in range(base, base + 4):
+        assert port_is_free(port)
