@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 from proxy import proxyproto, transparent
 from proxy.access import AllowList
-from proxy.config import Config, Mapping
+from proxy.config import Config, Mapping, family_of
 from proxy.listeners import BACKLOG
 from proxy.stats import MappingStats
 
@@ -271,13 +271,18 @@ class TcpListener:
 
     async def _connect(self, client: ClientSide, header: bytes | None) -> None:
         loop = asyncio.get_running_loop()
-        if not self.transparent:
+        if not self.transparent and self.mapping.proto == "tcp":
             await loop.create_connection(lambda: ContainerSide(client, header), *self._backend)
             return
-        assert client.transport is not None
-        peer = client.transport.get_extra_info("peername")
-        sock = transparent.source_socket(socket.SOCK_STREAM, peer[0], self.mapping.container_ip)
+        # SCTP, or a source address of the client's: we make the socket, the loop does the rest.
+        protocol = socket.IPPROTO_SCTP if self.mapping.proto == "sctp" else 0
+        sock = socket.socket(family_of(self.mapping.container_ip), socket.SOCK_STREAM, protocol)
         try:
+            sock.setblocking(False)
+            if self.transparent:
+                assert client.transport is not None
+                peer = client.transport.get_extra_info("peername")
+                transparent.bind_to_client(sock, peer[0], self.mapping.container_ip)
             await loop.sock_connect(sock, self._backend)
         except BaseException:
             sock.close()

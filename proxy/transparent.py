@@ -35,8 +35,8 @@ def check_allowed(container_ip: IPAddress) -> None:
         ) from None
 
 
-def source_socket(kind: int, client_host: str, container_ip: IPAddress) -> socket.socket:
-    """A non-blocking socket bound to the client's address, ready to connect to the container.
+def bind_to_client(sock: socket.socket, client_host: str, container_ip: IPAddress) -> None:
+    """Make `sock` (not yet connected) leave from the client's own address.
 
     Raises ValueError when the client's family differs from the container's (an IPv6 client
     cannot appear as the source of an IPv4 connection).
@@ -44,12 +44,5 @@ def source_socket(kind: int, client_host: str, container_ip: IPAddress) -> socke
     source = client_ip(client_host)
     if source.version != container_ip.version:
         raise ValueError(f"client {source} and container {container_ip} differ in IP version")
-    sock = socket.socket(family_of(container_ip), kind)
-    try:
-        _set_transparent(sock)
-        sock.setblocking(False)
-        sock.bind((str(source), 0))
-    except BaseException:
-        sock.close()
-        raise
-    return sock
+    _set_transparent(sock)
+    sock.bind((str(source), 0))

@@ -179,23 +179,21 @@ class UdpRelay:
             self._close_flow(evicted)
             stats.flows_evicted += 1
         try:
-            if self.transparent:
-                sock = transparent.source_socket(socket.SOCK_DGRAM, client[0], self.mapping.container_ip)
-            else:
-                sock = socket.socket(self._backend_family, socket.SOCK_DGRAM)
-        except (OSError, ValueError) as exc:  # out of fds, say: drop it, keep serving the others
+            sock = socket.socket(self._backend_family, socket.SOCK_DGRAM)
+        except OSError as exc:  # out of fds: drop this datagram, keep serving the others
             stats.datagrams_dropped += 1
-            log.warning("udp: client %s: no socket for a new flow: %s", client[:2],
-                        getattr(exc, "strerror", None) or exc)
+            log.warning("udp: client %s: no socket for a new flow: %s", client[:2], exc.strerror)
             return None
-        sock.setblocking(False)
         try:
+            sock.setblocking(False)
+            if self.transparent:
+                transparent.bind_to_client(sock, client[0], self.mapping.container_ip)
             sock.connect(self._backend)
-        except OSError as exc:
+        except (OSError, ValueError) as exc:
             sock.close()
             stats.datagrams_dropped += 1
             log.warning("udp: client %s: connect %s: %s", client[:2], self.mapping.backend(),
-                        exc.strerror)
+                        getattr(exc, "strerror", None) or exc)
             return None
         flow = Flow(client, sock, now)
         if self.proxy_protocol:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
 import select
 import signal
 import socket
@@ -36,11 +37,39 @@ def has_ipv6() -> bool:
 needs_ipv6 = pytest.mark.skipif(not has_ipv6(), reason="no IPv6 loopback on this machine")
 
 
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = map(int, open("/proc/sys/net/ipv4/ip_local_port_range").read().split())
+        return low, high
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
+_EPHEMERAL = _ephemeral_range()
+_rng = random.Random()
+
+
 def free_port(host: str = "127.0.0.1", kind: int = socket.SOCK_STREAM) -> int:
+    """A free port *outside* the kernel's ephemeral range: a kernel-chosen port could be taken
+    by an outgoing connection (a client's, or the proxy's dial) before the test binds it."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, kind) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+    low = 10000 if _EPHEMERAL[0] > 12000 else _EPHEMERAL[1] + 1
+    high = _EPHEMERAL[0] - 1 if _EPHEMERAL[0] > 12000 else 65535
+    for _ in range(200):
+        port = _rng.randint(low, high)
+        with socket.socket(family, kind) as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+        if kind == socket.SOCK_STREAM:  # the UDP twin too, for tests that publish both
+            with socket.socket(family, socket.SOCK_DGRAM) as u:
+                try:
+                    u.bind((host, port))
+                except OSError:
+                    continue
+        return port
+    raise RuntimeError("no free port outside the ephemeral range")
 
 
 def free_port_block(count: int, host: str = "127.0.0.1") -> int:
