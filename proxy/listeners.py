@@ -39,12 +39,10 @@ def _sock_type(mapping: Mapping) -> tuple[int, int]:
     return socket.SOCK_STREAM, 0
 
 
-def set_stream_options(sock: socket.socket) -> None:
-    """TCP_NODELAY and 15 s keepalive, as docker-proxy's Go runtime sets them.
-
-    Set on the listening socket, Linux copies them into every accepted socket, so the
-    accept path pays no extra system calls.
-    """
+def set_keepalive(sock: socket.socket) -> None:
+    """TCP_NODELAY and 15 s keepalive, as Go (so docker-proxy) sets them on every TCP
+    connection: a peer that vanished without a FIN is found and its connection closed.
+    (uvloop sets TCP_NODELAY on its own; the standard loop skips sockets made with proto 0.)"""
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, KEEPALIVE_SECONDS)
@@ -69,6 +67,7 @@ def bind_listener(mapping: Mapping, port: int) -> socket.socket:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         if kind == socket.SOCK_STREAM:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            set_keepalive(sock)  # copied by Linux into every accepted socket: no per-accept cost
         if mapping.interface:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, mapping.interface.encode())
         sock.bind((str(mapping.host_ip), port))
@@ -104,10 +103,10 @@ def adopt_listen_fd(mapping: Mapping, fd: int | None = LISTEN_FD) -> socket.sock
         got = actual.get(sock.type, f"socket type {int(sock.type)}")
         sock.detach()  # not ours to close: leave fd 4 as dockerd made it
         raise StartupError(f"{where}: fd {LISTEN_FD} is {got}, not an IP socket of that protocol")
-    if expected_kind == socket.SOCK_STREAM and not sock.getsockopt(
-        socket.SOL_SOCKET, socket.SO_ACCEPTCONN
-    ):
-        sock.detach()
-        raise StartupError(f"{where}: fd {LISTEN_FD} is not listening")
+    if expected_kind == socket.SOCK_STREAM:
+        if not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+            sock.detach()
+            raise StartupError(f"{where}: fd {LISTEN_FD} is not listening")
+        set_keepalive(sock)
     sock.setblocking(False)
     return sock

@@ -12,13 +12,12 @@ import asyncio
 import logging
 import socket
 import struct
-import time
 from typing import TYPE_CHECKING
 
 from proxy import proxyproto, transparent
 from proxy.access import AllowList
 from proxy.config import Config, Mapping, family_of
-from proxy.listeners import BACKLOG
+from proxy.listeners import BACKLOG, set_keepalive
 from proxy.stats import MappingStats
 
 if TYPE_CHECKING:
@@ -117,6 +116,9 @@ class ContainerSide(_Side):
         # Pair up here, not after create_connection() returns: the event loop may deliver the
         # container's first bytes before the dialling task resumes.
         super().connection_made(transport)
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            set_keepalive(sock)  # the accepted side inherits these from the listener; this one can't
         client = self.peer
         assert client is not None
         if client.transport is None or client.transport.is_closing():
@@ -133,7 +135,7 @@ class ContainerSide(_Side):
 class ClientSide(_Side):
     """An accepted client; dials the container, and holds early data until that succeeds."""
 
-    __slots__ = ("listener", "early", "early_size", "dial")
+    __slots__ = ("listener", "early", "early_size", "dial", "dial_timed_out")
 
     def __init__(self, listener: TcpListener) -> None:
         super().__init__(listener.stats)
@@ -141,6 +143,7 @@ class ClientSide(_Side):
         self.early: list[bytes] = []
         self.early_size = 0
         self.dial: asyncio.Task[None] | None = None
+        self.dial_timed_out = False
 
     def connection_made(self, transport: BaseTransport) -> None:
         super().connection_made(transport)
@@ -161,7 +164,7 @@ class ClientSide(_Side):
             return
         listener.connections.add(self)
         stats.active += 1
-        self.dial = asyncio.get_running_loop().create_task(listener.dial(self))
+        self.dial = listener.loop.create_task(listener.dial(self))
 
     def data_received(self, data: bytes) -> None:
         peer = self.peer
@@ -217,21 +220,31 @@ class TcpListener:
         self.allow = AllowList(config.allow)
         self.max_conns = config.max_conns
         self.proxy_protocol = config.proxy_protocol
-        self.dial_timeout = config.dial_timeout or None
+        self.dial_timeout = config.dial_timeout
         self.dial_retry = config.dial_retry
         self.transparent = config.transparent
         self.connections: set[ClientSide] = set()
+        # Dials under way, by when their current attempt began; oldest first (see _sweep_dials).
+        self.dialing: dict[ClientSide, float] = {}
+        self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]  # set in start()
         self._backend = (str(mapping.container_ip), mapping.container_port)
         self._server: asyncio.AbstractServer | None = None
+        self._sweeper: asyncio.TimerHandle | None = None
 
     async def start(self, sock: socket.socket) -> None:
-        loop = asyncio.get_running_loop()
+        # Kept: asyncio.get_running_loop() costs a getpid() system call on every call.
+        self.loop = asyncio.get_running_loop()
         # create_server listens again; without our backlog it would shrink the queue to 100.
-        self._server = await loop.create_server(lambda: ClientSide(self), sock=sock, backlog=BACKLOG)
+        self._server = await self.loop.create_server(lambda: ClientSide(self), sock=sock,
+                                                     backlog=BACKLOG)
+        if self.dial_timeout:
+            self._schedule_sweep()
 
     def stop_accepting(self) -> None:
         if self._server is not None:
             self._server.close()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
 
     def abort_all(self) -> int:
         """Close every open connection now; returns how many there were."""
@@ -242,10 +255,36 @@ class TcpListener:
                     side.transport.abort()
         return len(open_now)
 
+    # -- dialling the container -----------------------------------------------------------------
+    #
+    # -dial-timeout is enforced by one sweeper per listener rather than a timer per connection:
+    # a per-dial asyncio.timeout() costs a Timeout object, a timer handle and a current_task()
+    # lookup on every connection, for a limit that almost never fires. The sweeper wakes a few
+    # times per timeout period and cancels the dials that have run too long; since `dialing`
+    # is in start order, it stops at the first one that hasn't.
+
+    def _schedule_sweep(self) -> None:
+        interval = min(max(self.dial_timeout / 8, 0.01), 1.0)
+        self._sweeper = self.loop.call_later(interval, self._sweep_dials)
+
+    def _sweep_dials(self) -> None:
+        cutoff = self.loop.time() - self.dial_timeout
+        expired = []
+        for client, started in self.dialing.items():
+            if started > cutoff:
+                break
+            expired.append(client)
+        for client in expired:
+            del self.dialing[client]
+            if client.dial is not None and not client.dial.done():
+                client.dial_timed_out = True
+                client.dial.cancel()
+        self._schedule_sweep()
+
     async def dial(self, client: ClientSide) -> None:
         """Connect to the container for `client`, retrying a refusal for up to -dial-retry."""
-        loop = asyncio.get_running_loop()
-        started = time.monotonic()
+        loop = self.loop
+        started = loop.time()
         deadline = started + self.dial_retry
         wait = RETRY_FIRST
         header = None
@@ -255,22 +294,31 @@ class TcpListener:
             header = proxyproto.header(
                 self.proxy_protocol, "tcp", t.get_extra_info("peername"), t.get_extra_info("sockname")
             )
-        while True:
-            try:
-                async with asyncio.timeout(self.dial_timeout):
+        dialing = self.dialing
+        try:
+            while True:
+                dialing[client] = loop.time()
+                try:
                     await self._connect(client, header)
-                break
-            except ConnectionRefusedError as exc:
-                if time.monotonic() + wait > deadline:
+                    break
+                except ConnectionRefusedError as exc:
+                    del dialing[client]  # not dialling while it waits to retry
+                    if loop.time() + wait > deadline:
+                        return self._dial_failed(client, exc)
+                    await asyncio.sleep(wait)
+                    wait = min(wait * 2, RETRY_CAP)
+                except (OSError, ValueError) as exc:
                     return self._dial_failed(client, exc)
-                await asyncio.sleep(wait)
-                wait = min(wait * 2, RETRY_CAP)
-            except (OSError, TimeoutError, ValueError) as exc:
-                return self._dial_failed(client, exc)
-        self.stats.observe_dial(time.monotonic() - started)
+        except asyncio.CancelledError:
+            if not client.dial_timed_out:
+                raise  # the client left, or we are shutting down
+            return self._dial_failed(client, TimeoutError())
+        finally:
+            dialing.pop(client, None)
+        self.stats.observe_dial(loop.time() - started)
 
     async def _connect(self, client: ClientSide, header: bytes | None) -> None:
-        loop = asyncio.get_running_loop()
+        loop = self.loop
         if not self.transparent and self.mapping.proto == "tcp":
             await loop.create_connection(lambda: ContainerSide(client, header), *self._backend)
             return

@@ -189,3 +189,18 @@ async def test_backend_reset_reaches_client_as_reset() -> None:
         with pytest.raises(ConnectionResetError):
             await asyncio.wait_for(reader.read(), 5)
         writer.close()
+
+
+async def test_both_sockets_get_nodelay_and_15s_keepalive() -> None:
+    async with backend() as bport, tcp_proxy(bport) as server:
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.relays[0].port)
+        writer.write(b"x")
+        assert await reader.readexactly(1) == b"x"
+        [client] = server.relays[0].connections
+        for side in (client, client.peer):
+            sock = side.transport.get_extra_info("socket")
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+            assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == 15
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL) == 15
+        writer.close()
