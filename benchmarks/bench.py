@@ -68,8 +68,9 @@ def bulk(port: int, seconds: float) -> dict[str, float]:
 def udp_pingpong(port: int, seconds: float) -> dict[str, float]:
     out = run_load(["sockperf", "ping-pong", "-i", "127.0.0.1", "-p", str(port), "-t", str(int(seconds)),
                     "-m", "64"], seconds + 30)
-    half_rtt = float(re.search(r"avg-lat=\s*([\d.]+)", out)[1])  # type: ignore[index]
-    received = float(re.search(r"ReceivedMessages=(\d+)", out)[1])  # type: ignore[index]
+    # sockperf reports half the round trip; CPU is read over the whole run, warm-up included
+    half_rtt = float(re.search(r"Latency is ([\d.]+) usec", out)[1])  # type: ignore[index]
+    received = float(re.search(r"\[Total Run\].*?ReceivedMessages=(\d+)", out)[1])  # type: ignore[index]
     return {"rate": 2 * half_rtt, "units": 2 * received}  # µs round trip; datagrams relayed
 
 
@@ -212,6 +213,8 @@ def draw_chart(results: dict[str, Any], path: str) -> None:
               for w in WORKLOADS if w in results for k in ("rate", "cpu_per_unit")]
     if "idle-memory" in results:
         panels.append(("idle-memory", "", "KiB per idle connection"))
+    if not panels:
+        return
     fig, axes = plt.subplots((len(panels) + 1) // 2, 2, figsize=(12, 3 * ((len(panels) + 1) // 2)))
     for ax, (workload, key, label) in zip(axes.flat, panels):
         rows = results[workload]

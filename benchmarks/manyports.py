@@ -84,7 +84,7 @@ def spawn_latency(runs: int, log: Callable[[str], None]) -> dict[str, float]:
             proc.send_signal(signal.SIGINT)
             proc.wait(timeout=5)
         results[kind] = statistics.median(times)
-        log(f"  {'spawn to 0\\n':16} {kind:15} {results[kind]:8.1f} ms (median of {runs})")
+        log(f"  {'spawn to ready':16} {kind:15} {results[kind]:8.1f} ms (median of {runs})")
     variants.stop_engine()
     if results.get("docker-proxy"):
         results["engine_vs_docker_proxy"] = results["pyproxy engine"] / results["docker-proxy"]

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
@@ -95,6 +96,7 @@ class _GoParser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
+@functools.cache  # the engine parses every registration's argv with it: build it once
 def build_parser() -> argparse.ArgumentParser:
     parser = _GoParser(
         prog="pyproxy",

@@ -2,28 +2,26 @@
 pyproxy that dockerd spawns, so a thousand published ports cost one event loop, not a
 thousand interpreters. See proxy.launch for the spawned side of the handshake.
 
-Protocol, over a Unix stream socket (0600, owner only): the spawned process sends one JSON
-line {"argv": [...]} with fd 4 attached (SCM_RIGHTS) when it has one; the engine answers one
-JSON line: {"status": 0, "mappings": [...]} or {"status": 1|2, "error": "..."} (2: usage).
-After a 0 the connection is the mapping's lifetime: "stop" (answered "ok" once the port is
-released) or EOF drops the mapping.
+Protocol, over a Unix stream socket (0600, owner only), framed as in proxy.launch: the
+spawned process sends its argv, with fd 4 attached (SCM_RIGHTS) when it has one; the engine
+answers 0 with the `docker port` lines, or 1 (or 2, usage) with the error. After a 0 the
+connection is the mapping's lifetime: "stop" (answered "ok" once the port is released) or
+EOF drops the mapping.
 """
 
 from __future__ import annotations
 
 import array
 import asyncio
-import json
 import logging
 import os
 import socket
 import struct
-from typing import Any
-
 import attrs
 
 from proxy.cli import UsageError, parse_config
 from proxy.config import Config, Mapping
+from proxy.launch import decode_argv, encode_reply, unframe
 from proxy.listeners import StartupError
 from proxy.server import Server, start_metrics, wait_for_stop_signal
 from proxy.stats import MappingStats
@@ -45,22 +43,22 @@ async def _readable(sock: socket.socket) -> None:
         loop.remove_reader(sock.fileno())
 
 
-async def receive_request(conn: socket.socket) -> tuple[bytes, list[int]]:
-    """One newline-terminated request and the fds that came with it."""
+async def receive_request(conn: socket.socket) -> tuple[bytes | None, list[int]]:
+    """One framed request (None if the peer left or sent too much) and the fds that came."""
     data, fds = b"", []
-    while not data.endswith(b"\n"):
+    while (payload := unframe(data)) is None:
         await _readable(conn)
         try:
             chunk, ancillary, _, _ = conn.recvmsg(MAX_REQUEST, socket.CMSG_SPACE(4 * 4))
         except BlockingIOError:
             continue
-        for level, kind, payload in ancillary:
+        for level, kind, fd_bytes in ancillary:
             if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                fds += array.array("i", payload[: len(payload) - len(payload) % 4])
+                fds += array.array("i", fd_bytes[: len(fd_bytes) - len(fd_bytes) % 4])
         if not chunk or len(data) + len(chunk) > MAX_REQUEST:
-            break
+            return None, fds
         data += chunk
-    return data, fds
+    return payload, fds
 
 
 class Engine:
@@ -141,7 +139,7 @@ class Engine:
         fds: list[int] = []
         try:
             if not self._permitted(conn):
-                await self._reply(conn, {"status": 1, "error": "engine: permission denied"})
+                await self._reply(conn, 1, "engine: permission denied")
                 return
             request, fds = await receive_request(conn)
             server = await self._start(request, fds, conn)
@@ -163,18 +161,20 @@ class Engine:
                     pass  # adopted by the relay and already closed with it
             conn.close()
 
-    async def _start(self, request: bytes, fds: list[int], conn: socket.socket) -> Server | None:
+    async def _start(self, request: bytes | None, fds: list[int], conn: socket.socket
+                     ) -> Server | None:
         try:
-            argv = json.loads(request)["argv"]
-            config = parse_config([str(a) for a in argv])
+            if request is None:
+                raise ValueError("incomplete request")
+            config = parse_config(decode_argv(request))
         except UsageError as exc:
-            await self._reply(conn, {"status": 2, "error": str(exc)})
+            await self._reply(conn, 2, str(exc))
             return None
-        except (ValueError, KeyError, TypeError):
-            await self._reply(conn, {"status": 1, "error": "engine: malformed request"})
+        except ValueError:
+            await self._reply(conn, 1, "engine: malformed request")
             return None
         if config is None:
-            await self._reply(conn, {"status": 2, "error": "nothing to serve"})
+            await self._reply(conn, 2, "nothing to serve")
             return None
         # One metrics endpoint for the engine: a registration's own -metrics-addr is ignored.
         config = attrs.evolve(config, metrics_addr=None)
@@ -183,13 +183,13 @@ class Engine:
         try:
             await server.start()
         except StartupError as exc:
-            await self._reply(conn, {"status": 1, "error": str(exc)})
+            await self._reply(conn, 1, str(exc))
             return None
         self.servers.add(server)
         self.stats.update(server.stats)
         lines = server.mapping_lines()
         log.info("serving %s", ", ".join(lines))
-        await self._reply(conn, {"status": 0, "mappings": lines})
+        await self._reply(conn, 0, "\n".join(lines))
         return server
 
     async def _held_until_stop(self, conn: socket.socket) -> bool:
@@ -205,8 +205,8 @@ class Engine:
             if b"stop" in data:
                 return True
 
-    async def _reply(self, conn: socket.socket, message: dict[str, Any]) -> None:
-        await self._reply_raw(conn, json.dumps(message).encode() + b"\n")
+    async def _reply(self, conn: socket.socket, status: int, body: str) -> None:
+        await self._reply_raw(conn, encode_reply(status, body))
 
     async def _reply_raw(self, conn: socket.socket, data: bytes) -> None:
         try:

@@ -8,18 +8,16 @@ SIGINT/SIGTERM the waiter asks the engine to release the port and exits 0 once i
 the port is free when the process is gone, as with docker-proxy; if the engine dies, the
 connection ends and the waiter exits too.
 
-Only os, socket, json and sys are imported before that decision: a spawn that goes through
-the engine never pays for asyncio, uvloop or attrs.
+Time to "0\\n" is what dockerd waits for, so this path imports only C modules (`_socket`,
+`_signal`, and os/sys, which the interpreter has loaded anyway): `socket`, `signal` and
+`json` would add ~10 ms of imports (enum, re) to a ~10 ms interpreter start.
 """
 
 from __future__ import annotations
 
-import array
-import json
+import _signal
+import _socket
 import os
-import signal
-import socket
-import stat
 import sys
 from collections.abc import Sequence
 
@@ -34,17 +32,55 @@ WAITER_SCRIPT = (
 )
 # Flags answered locally, without an engine.
 _LOCAL_FLAGS = {"-h", "-help", "--help", "-v", "-version", "--version", "-engine", "--engine"}
+_S_IFMT, _S_IFSOCK = 0o170000, 0o140000
 
+# -- the engine protocol's framing: "<length>\n<payload>", shared with proxy.engine --------------
+# request payload: the argv, NUL-separated (no argument can hold a NUL);
+# reply payload: "<status>\n<body>": status 0 with the `docker port` lines, 1 or 2 (usage)
+# with the error text.
+
+
+def frame(payload: bytes) -> bytes:
+    return b"%d\n" % len(payload) + payload
+
+
+def unframe(buffer: bytes) -> bytes | None:
+    """The payload if `buffer` holds a whole frame, else None (read more)."""
+    head, sep, rest = buffer.partition(b"\n")
+    if not sep:
+        return None
+    length = int(head)
+    return rest[:length] if len(rest) >= length else None
+
+
+def encode_argv(argv: Sequence[str]) -> bytes:
+    return b"\0".join(os.fsencode(a) for a in argv)
+
+
+def decode_argv(payload: bytes) -> list[str]:
+    return [os.fsdecode(a) for a in payload.split(b"\0")] if payload else []
+
+
+def encode_reply(status: int, body: str) -> bytes:
+    return frame(b"%d\n" % status + body.encode())
+
+
+def decode_reply(payload: bytes) -> tuple[int, str]:
+    status, _, body = payload.partition(b"\n")
+    return int(status), body.decode(errors="replace")
+
+
+# -- the spawned side ------------------------------------------------------------------------------
 
 def engine_socket_path() -> str:
     """Where the engine listens; an empty PYPROXY_ENGINE_SOCKET means never use one."""
     return os.environ.get(ENGINE_SOCKET_ENV, DEFAULT_ENGINE_SOCKET)
 
 
-def connect_engine(path: str) -> socket.socket | None:
+def connect_engine(path: str) -> _socket.socket | None:
     if not path:
         return None
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
     try:
         sock.connect(path)
     except OSError:  # no engine (or a stale socket file): serve the mapping here
@@ -56,48 +92,47 @@ def connect_engine(path: str) -> socket.socket | None:
 def _listen_fd() -> list[int]:
     """fd 4, if it is an open socket: the engine adopts it only when -use-listen-fd says so."""
     try:
-        return [4] if stat.S_ISSOCK(os.fstat(4).st_mode) else []
+        return [4] if os.fstat(4).st_mode & _S_IFMT == _S_IFSOCK else []
     except OSError:
         return []
 
 
-def _read_line(sock: socket.socket) -> bytes:
-    data = b""
-    while not data.endswith(b"\n"):
+def _read_reply(sock: _socket.socket) -> tuple[int, str]:
+    buffer = b""
+    while (payload := unframe(buffer)) is None:
         chunk = sock.recv(65536)
         if not chunk:
-            break
-        data += chunk
-    return data
+            return 1, "pyproxy engine closed the connection"
+        buffer += chunk
+    return decode_reply(payload)
 
 
-def hand_over(engine: socket.socket, argv: Sequence[str]) -> int:
+def _stop_now(signum: int, frame: object) -> None:
+    os._exit(0)  # before we are the waiter: just go; the engine sees the connection close
+
+
+def hand_over(engine: _socket.socket, argv: Sequence[str]) -> int:
     """Register the mapping with the engine; on success, become the waiter (never returns)."""
     from proxy.statuspipe import StatusPipe  # os and stat only
 
     status = StatusPipe.from_environment()
-    # A stop signal before we are the waiter: just go; the engine sees the connection close.
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda *_: os._exit(0))
-    request = json.dumps({"argv": list(argv)}).encode() + b"\n"
+    _signal.signal(_signal.SIGINT, _stop_now)
+    _signal.signal(_signal.SIGTERM, _stop_now)
     fds = _listen_fd()
-    ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())] if fds else []
+    ancillary = [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS,
+                  b"".join(fd.to_bytes(4, sys.byteorder) for fd in fds))] if fds else []
     try:
-        engine.sendmsg([request], ancillary)
-        reply = json.loads(_read_line(engine) or b'{"status": 1, "error": "engine closed"}')
+        engine.sendmsg([frame(encode_argv(argv))], ancillary)
+        code, body = _read_reply(engine)
     except (OSError, ValueError) as exc:
-        status.fail(f"pyproxy engine: {exc}")
-        print(f"pyproxy: engine: {exc}", file=sys.stderr)
-        return 1
-    code = reply.get("status", 1)
+        code, body = 1, f"pyproxy engine: {exc}"
     if code != 0:
-        error = reply.get("error", "engine refused the mapping")
-        print(f"pyproxy: {error}", file=sys.stderr)
-        status.fail(error)
-        return int(code)
-    for line in reply.get("mappings", []):
-        print(line)
-    sys.stdout.flush()
+        sys.stderr.write(f"pyproxy: {body}\n")
+        status.fail(body)
+        return code
+    if body:
+        sys.stdout.write(body + "\n")
+        sys.stdout.flush()
     status.ready()
     os.dup2(engine.fileno(), 0)
     os.dup2(engine.fileno(), 1)
