@@ -148,6 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
          "debug, info, warning or error")
     flag("log-format", _parse_choice("text", "json"), "text", "text or json")
     flag("log-file", None, None, "log to PATH (reopened on SIGHUP), or 'syslog'", metavar="PATH")
+    flag("user", None, None, "once every port is bound, run as this user (name or uid)",
+         metavar="NAME")
     boolean("engine", "run the shared engine that serves the mappings of spawned pyproxies")
     flag("engine-socket", None, engine_socket_path(),
          f"the engine's Unix socket (default ${ENGINE_SOCKET_ENV} or {DEFAULT_ENGINE_SOCKET})",
@@ -191,6 +193,12 @@ def config_from_args(args: argparse.Namespace) -> Config:
         raise UsageError("nothing to publish: give -host-port and -container-port, or -p")
     if args.use_listen_fd and len(mappings) != 1:
         raise UsageError("argument -use-listen-fd: fd 4 serves exactly one mapping")
+    if args.user and args.transparent:
+        raise UsageError("argument -user: -transparent needs CAP_NET_ADMIN or CAP_NET_RAW for "
+                         "every connection, which -user would drop")
+    if args.user and args.engine:
+        raise UsageError("argument -user: the engine binds ports as they are published; "
+                         "run it as the user it should be")
     if args.transparent and args.proxy_protocol:
         raise UsageError("argument -transparent: the container already sees the client; "
                          "drop -proxy-protocol")
@@ -207,6 +215,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
         allow=args.allow or (),
         proxy_protocol=args.proxy_protocol,
         transparent=args.transparent,
+        user=args.user,
         metrics_addr=args.metrics_addr,
         log_level=args.log_level,
         log_format=args.log_format,

@@ -257,5 +257,6 @@ class Config:
     log_format: str = "text"
     log_file: str | None = None
     drain_timeout: float = field(default=0.0, validator=_positive)
+    user: str | None = None  # drop to this user once listening
     engine: bool = False  # serve the mappings that spawned pyproxies hand over (proxy.engine)
     engine_socket: str = "/run/pyproxy/engine.sock"

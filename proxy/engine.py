@@ -176,6 +176,10 @@ class Engine:
         if config is None:
             await self._reply(conn, 2, "nothing to serve")
             return None
+        if config.user:
+            await self._reply(conn, 2, "argument -user: not through the engine (it would change "
+                              "the user of every mapping); run the engine as that user")
+            return None
         # One metrics endpoint for the engine: a registration's own -metrics-addr is ignored.
         config = attrs.evolve(config, metrics_addr=None)
         listen_fd = fds.pop(0) if (config.use_listen_fd and fds) else None

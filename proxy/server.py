@@ -22,6 +22,7 @@ from proxy.listeners import (
     bind_listener,
     go_strerror,
 )
+from proxy.privileges import drop_to
 from proxy.logs import LoopErrorReporter, reopen_log_file, setup_logging
 from proxy.stats import MappingStats
 from proxy.statuspipe import StatusPipe
@@ -70,6 +71,8 @@ class Server:
                 await self._open(mapping)
             if self.config.metrics_addr:
                 self._metrics_server = start_metrics(self.config.metrics_addr, self.stats)
+            if self.config.user:
+                drop_to(self.config.user)  # every port is bound: root is no longer needed
         except BaseException:
             self.close_listeners()
             raise

@@ -27,10 +27,14 @@ log = logging.getLogger("pyproxy")
 MAX_DATAGRAM = 65536  # larger than any UDP payload (65507 on IPv4, 65527 on IPv6)
 ANCILLARY_SPACE = socket.CMSG_SPACE(20)  # one in6_pktinfo (20 bytes) or in_pktinfo (12)
 BURST = 256  # datagrams per wake-up before letting other sockets have a turn
+# The frontend's receive queue. The default (~208 KiB) holds a few hundred small datagrams: a
+# burst from many clients would be dropped by the kernel before we could read it.
+RECEIVE_BUFFER = 4 * 1024 * 1024
 
 Ancillary = list[tuple[int, int, bytes]]
 
 IP_PKTINFO = getattr(socket, "IP_PKTINFO", 8)  # <linux/in.h>; in the socket module from 3.12
+SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)  # <asm-generic/socket.h>
 
 
 @define(eq=False)
@@ -77,6 +81,13 @@ def _reply_pktinfo(level: int, kind: int, data: bytes) -> Ancillary:
     return [(level, kind, data[:20])]
 
 
+def deepen_receive_queue(sock: socket.socket) -> None:
+    try:  # root may go past net.core.rmem_max; anyone else gets up to it
+        sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, RECEIVE_BUFFER)
+    except OSError:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECEIVE_BUFFER)
+
+
 def enable_pktinfo(sock: socket.socket) -> None:
     if sock.family == socket.AF_INET6:
         sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_RECVPKTINFO, 1)
@@ -105,8 +116,9 @@ class UdpRelay:
     async def start(self, sock: socket.socket, *, adopted: bool = False) -> None:
         self._loop = asyncio.get_running_loop()
         self._sock = sock
-        if not adopted:  # a socket passed on fd 4 is used as dockerd set it up
+        if not adopted:  # a socket passed on fd 4 keeps dockerd's PKTINFO choice
             enable_pktinfo(sock)
+        deepen_receive_queue(sock)
         self._loop.add_reader(sock.fileno(), self._from_clients)
         self._schedule_sweep()
 

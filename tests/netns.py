@@ -58,6 +58,7 @@ class Lab:
     def __init__(self) -> None:
         self.hosts: list[Host] = []
         self.procs: list[subprocess.Popen] = []
+        self.links = 0
 
     def host(self, name: str) -> Host:
         h = Host(self, name)
@@ -66,7 +67,8 @@ class Lab:
 
     def link(self, a: Host, a_if: str, a_addr: str, b: Host, b_if: str, b_addr: str) -> None:
         """A veth pair between a and b, with an address (CIDR) on each end."""
-        tmp_a, tmp_b = f"v{os.getpid() % 100000}{a_if}"[:15], f"v{os.getpid() % 100000}{b_if}"[:15]
+        self.links += 1  # temporary names, unique per lab, renamed inside the namespaces
+        tmp_a, tmp_b = (f"pp{os.getpid() % 100000}l{self.links}{end}" for end in "ab")
         sh("ip", "link", "add", tmp_a, "type", "veth", "peer", "name", tmp_b)
         sh("ip", "link", "set", tmp_a, "netns", a.name, "name", a_if)
         sh("ip", "link", "set", tmp_b, "netns", b.name, "name", b_if)

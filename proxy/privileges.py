@@ -1,0 +1,25 @@
+"""-user NAME: once every listener is bound, stop being root. The relay never needs root
+again: accepting, dialling and relaying are unprivileged; only binding a port below 1024
+was not, and that is done.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+
+from proxy.listeners import StartupError
+
+
+def drop_to(user: str) -> None:
+    """Become `user` (and its primary group, no supplementary groups), for good."""
+    try:
+        entry = pwd.getpwnam(user) if not user.isdigit() else pwd.getpwuid(int(user))
+    except KeyError:
+        raise StartupError(f"-user {user}: no such user") from None
+    try:
+        os.setgroups([])
+        os.setgid(entry.pw_gid)
+        os.setuid(entry.pw_uid)  # real, effective and saved: there is no way back
+    except PermissionError as exc:
+        raise StartupError(f"-user {user}: {exc.strerror} (only root can change user)") from None
