@@ -12,6 +12,8 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
+import attrs
+
 from proxy import __version__
 from proxy.config import (
     PROTOCOLS,
@@ -204,26 +206,10 @@ def config_from_args(args: argparse.Namespace) -> Config:
                          "drop -proxy-protocol")
     if args.proxy_protocol == 1 and any(m.proto == "udp" for m in mappings):
         raise UsageError("argument -proxy-protocol: UDP needs v2 (v1 is text for TCP streams)")
-    return Config(
-        mappings=mappings,
-        use_listen_fd=args.use_listen_fd,
-        udp_timeout=args.udp_timeout,
-        udp_max_flows=args.udp_max_flows,
-        dial_timeout=args.dial_timeout,
-        dial_retry=args.dial_retry,
-        max_conns=args.max_conns,
-        allow=args.allow or (),
-        proxy_protocol=args.proxy_protocol,
-        transparent=args.transparent,
-        user=args.user,
-        metrics_addr=args.metrics_addr,
-        log_level=args.log_level,
-        log_format=args.log_format,
-        log_file=args.log_file,
-        drain_timeout=args.drain_timeout,
-        engine=args.engine,
-        engine_socket=args.engine_socket,
-    )
+    # Every pyproxy flag's dest is a Config field of the same name (tests/test_config.py
+    # keeps them in step), so the rest of the Config is read straight off the flags.
+    own = {f.name: getattr(args, f.name) for f in attrs.fields(Config) if f.name != "mappings"}
+    return Config(mappings=mappings, **own)
 
 
 def parse_config(argv: Sequence[str]) -> Config | None:

@@ -249,7 +249,7 @@ class Config:
     dial_timeout: float = field(default=30.0, validator=_positive)
     dial_retry: float = field(default=0.0, validator=_positive)
     max_conns: int = field(default=0, validator=_positive)
-    allow: tuple[IPNetwork, ...] = field(default=(), converter=tuple)
+    allow: tuple[IPNetwork, ...] = field(default=(), converter=lambda v: tuple(v or ()))
     proxy_protocol: int = 0  # 0 (off), 1 or 2
     transparent: bool = False
     metrics_addr: tuple[str, int] | None = None

@@ -50,6 +50,8 @@ class StatsCollector(Collector):
         dial = HistogramMetricFamily("pyproxy_backend_dial_duration_seconds",
                                      "time to connect to the backend", labels=LABELS)
         tcp_bytes = counter("bytes_total", "bytes relayed over TCP", ["direction"])
+        spliced = counter("spliced_directions_total",
+                          "TCP directions that switched to zero-copy splice(2) as bulk flows")
         flows_active = gauge("udp_flows_active", "UDP flows in the table now")
         flows = counter("udp_flows_total", "UDP flows by how they began or ended", ["event"])
         datagrams = counter("udp_datagrams_total", "UDP datagrams relayed", ["direction"])
@@ -80,7 +82,8 @@ class StatsCollector(Collector):
             dial.add_metric(lv, buckets, s.dial_seconds_sum)
             tcp_bytes.add_metric(lv + ["client_to_container"], s.bytes_from_client)
             tcp_bytes.add_metric(lv + ["container_to_client"], s.bytes_from_container)
-        yield from (accepted, active, rejected, dial_failed, dial, tcp_bytes,
+            spliced.add_metric(lv, s.spliced)
+        yield from (accepted, active, rejected, dial_failed, dial, tcp_bytes, spliced,
                     flows_active, flows, datagrams, dropped)
 
 

@@ -23,6 +23,7 @@ class MappingStats:
     dial_failures: int = 0
     bytes_from_client: int = 0
     bytes_from_container: int = 0
+    spliced: int = 0  # directions that switched to zero-copy splice
     # UDP
     flows_active: int = 0
     flows_created: int = 0

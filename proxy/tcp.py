@@ -18,6 +18,7 @@ from proxy import proxyproto, transparent
 from proxy.access import AllowList
 from proxy.config import Config, Mapping, family_of
 from proxy.listeners import BACKLOG, set_keepalive
+from proxy.splice import SPLICE_AFTER, SPLICE_MIN_READ, Splicer
 from proxy.stats import MappingStats
 
 if TYPE_CHECKING:
@@ -52,20 +53,28 @@ def reset(transport: BaseTransport) -> None:
 class _Side(asyncio.Protocol):
     """One end of a relayed connection. `peer` is the other end, once it exists."""
 
-    __slots__ = ("transport", "peer", "eof", "stats")
+    __slots__ = ("transport", "peer", "eof", "stats", "loop", "big_reads", "splicer")
 
-    def __init__(self, stats: MappingStats) -> None:
+    def __init__(self, stats: MappingStats, loop: asyncio.AbstractEventLoop) -> None:
         self.transport: Transport | None = None
         self.peer: _Side | None = None
         self.eof = False
         self.stats = stats
+        self.loop = loop
+        self.big_reads = 0  # full-size reads seen: a bulk direction switches to splice
+        self.splicer: Splicer | None = None
 
     def connection_made(self, transport: BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         transport.set_write_buffer_limits(HIGH_WATER, LOW_WATER)  # type: ignore[attr-defined]
 
     def eof_received(self) -> bool:
-        """Half-close: pass the FIN on and keep the reverse direction flowing."""
+        self.ended()
+        return True  # keep our transport open; we close it once both directions are done
+
+    def ended(self) -> None:
+        """Our peer sent its FIN. Half-close: pass it on and keep the reverse direction
+        flowing; once both directions have ended, close both ends."""
         self.eof = True
         peer = self.peer
         if peer is not None and peer.transport is not None:
@@ -73,7 +82,17 @@ class _Side(asyncio.Protocol):
                 self.close()
             else:
                 peer.transport.write_eof()
-        return True  # keep our transport open; we close it once both directions are done
+
+    def big_read(self, counter: str) -> None:
+        """A full-size read: after a few, relay this direction with splice if we can."""
+        self.big_reads += 1
+        peer = self.peer
+        if (self.big_reads >= SPLICE_AFTER and self.splicer is None and peer is not None
+                and peer.transport is not None and peer.transport.get_write_buffer_size() == 0):
+            try:
+                self.splicer = Splicer(self, counter)
+            except OSError:
+                self.big_reads = -(1 << 30)  # no fds for it: stay on the copying path
 
     # Backpressure: our transport's buffer is full, so stop reading what fills it.
     def pause_writing(self) -> None:
@@ -86,6 +105,9 @@ class _Side(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         peer, self.peer = self.peer, None
+        for side in (self, peer):  # neither direction can splice through a closed socket
+            if side is not None and side.splicer is not None:
+                side.splicer.stop()
         if peer is not None:
             peer.peer = None
             if peer.transport is not None:
@@ -108,7 +130,7 @@ class ContainerSide(_Side):
     __slots__ = ("header",)
 
     def __init__(self, client: ClientSide, header: bytes | None) -> None:
-        super().__init__(client.stats)
+        super().__init__(client.stats, client.loop)
         self.peer = client
         self.header = header
 
@@ -130,6 +152,8 @@ class ContainerSide(_Side):
     def data_received(self, data: bytes) -> None:
         self.peer.transport.write(data)  # type: ignore[union-attr]
         self.stats.bytes_from_container += len(data)
+        if len(data) >= SPLICE_MIN_READ:
+            self.big_read("bytes_from_container")
 
 
 class ClientSide(_Side):
@@ -138,7 +162,7 @@ class ClientSide(_Side):
     __slots__ = ("listener", "early", "early_size", "dial", "dial_timed_out")
 
     def __init__(self, listener: TcpListener) -> None:
-        super().__init__(listener.stats)
+        super().__init__(listener.stats, listener.loop)
         self.listener = listener
         self.early: list[bytes] = []
         self.early_size = 0
@@ -170,6 +194,8 @@ class ClientSide(_Side):
         peer = self.peer
         if peer is not None:
             peer.transport.write(data)  # type: ignore[union-attr]
+            if len(data) >= SPLICE_MIN_READ:
+                self.big_read("bytes_from_client")
         else:
             self.early.append(data)
             self.early_size += len(data)
