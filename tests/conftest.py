@@ -47,6 +47,7 @@ def _ephemeral_range() -> tuple[int, int]:
 
 _EPHEMERAL = _ephemeral_range()
 _rng = random.Random()
+_handed_out: set[int] = set()  # a port is free when checked; it must also not be given twice
 
 
 def free_port(host: str = "127.0.0.1", kind: int = socket.SOCK_STREAM) -> int:
@@ -57,6 +58,8 @@ def free_port(host: str = "127.0.0.1", kind: int = socket.SOCK_STREAM) -> int:
     high = _EPHEMERAL[0] - 1 if _EPHEMERAL[0] > 12000 else 65535
     for _ in range(200):
         port = _rng.randint(low, high)
+        if port in _handed_out:
+            continue
         with socket.socket(family, kind) as s:
             try:
                 s.bind((host, port))
@@ -68,6 +71,7 @@ def free_port(host: str = "127.0.0.1", kind: int = socket.SOCK_STREAM) -> int:
                     u.bind((host, port))
                 except OSError:
                     continue
+        _handed_out.add(port)
         return port
     raise RuntimeError("no free port outside the ephemeral range")
 
@@ -84,6 +88,7 @@ def free_port_block(count: int, host: str = "127.0.0.1") -> int:
                 s = socket.socket()
                 socks.append(s)
                 s.bind((host, port))
+            _handed_out.update(range(base, base + count))
             return base
         except OSError:
             continue
