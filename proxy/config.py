@@ -10,6 +10,7 @@ from __future__ import annotations
 import ipaddress
 import re
 import socket
+from collections.abc import Iterable
 from typing import Literal, Union
 
 import attrs
@@ -233,6 +234,14 @@ def _split_publish(spec: str, text: str) -> tuple[str, str, str]:
     raise ValueError(f"{text!r} is not [IP:]HOSTPORT:CONTAINERPORT (write IPv6 as [addr])")
 
 
+def _mappings(value: Iterable[Mapping]) -> tuple[Mapping, ...]:
+    return tuple(value)
+
+
+def _networks(value: Iterable[IPNetwork] | None) -> tuple[IPNetwork, ...]:
+    return tuple(value or ())
+
+
 def _positive(instance: object, attribute: attrs.Attribute, value: float) -> None:  # type: ignore[type-arg]
     if value < 0:
         raise ValueError(f"{attribute.name} must not be negative")
@@ -242,14 +251,14 @@ def _positive(instance: object, attribute: attrs.Attribute, value: float) -> Non
 class Config:
     """Everything one pyproxy process serves and how; built once by the CLI, never changed."""
 
-    mappings: tuple[Mapping, ...] = field(converter=tuple, default=())
+    mappings: tuple[Mapping, ...] = field(converter=_mappings, default=())
     use_listen_fd: bool = False
     udp_timeout: float = field(default=90.0, validator=_positive)
     udp_max_flows: int = field(default=16384, validator=_positive)
     dial_timeout: float = field(default=30.0, validator=_positive)
     dial_retry: float = field(default=0.0, validator=_positive)
     max_conns: int = field(default=0, validator=_positive)
-    allow: tuple[IPNetwork, ...] = field(default=(), converter=lambda v: tuple(v or ()))
+    allow: tuple[IPNetwork, ...] = field(default=(), converter=_networks)
     proxy_protocol: int = 0  # 0 (off), 1 or 2
     transparent: bool = False
     metrics_addr: tuple[str, int] | None = None

@@ -17,6 +17,7 @@ import logging
 import os
 import socket
 import struct
+from typing import cast
 import attrs
 
 from proxy.cli import UsageError, parse_config
@@ -35,8 +36,13 @@ _UCRED = struct.Struct("3i")  # pid, uid, gid
 
 async def _readable(sock: socket.socket) -> None:
     loop = asyncio.get_running_loop()
-    ready = loop.create_future()
-    loop.add_reader(sock.fileno(), lambda: ready.done() or ready.set_result(None))
+    ready: asyncio.Future[None] = loop.create_future()
+
+    def wake() -> None:
+        if not ready.done():
+            ready.set_result(None)
+
+    loop.add_reader(sock.fileno(), wake)
     try:
         await ready
     finally:
@@ -45,7 +51,7 @@ async def _readable(sock: socket.socket) -> None:
 
 async def receive_request(conn: socket.socket) -> tuple[bytes | None, list[int]]:
     """One framed request (None if the peer left or sent too much) and the fds that came."""
-    data, fds = b"", []
+    data, fds = b"", cast("list[int]", [])
     while (payload := unframe(data)) is None:
         await _readable(conn)
         try:

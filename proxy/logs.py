@@ -9,6 +9,7 @@ import json
 import logging
 import logging.handlers
 import os
+import sys
 import time
 from typing import Any
 
@@ -53,6 +54,11 @@ def setup_logging(config: Config) -> logging.Handler:
     """Configure the "pyproxy" logger; raises OSError naming the file if it can't be opened."""
     handler: logging.Handler
     if config.log_file == "syslog":
+        # Like openlog(3), a syslog daemon that is not there yet is not an error: each message
+        # tries again. But say so once, where someone starting us by hand will see it.
+        if not os.path.exists(SYSLOG_SOCKET):
+            sys.stderr.write(f"pyproxy: -log-file syslog: {SYSLOG_SOCKET} does not exist; "
+                             "logs are dropped until a syslog daemon listens there\n")
         handler = logging.handlers.SysLogHandler(address=SYSLOG_SOCKET)
         handler.ident = f"pyproxy[{os.getpid()}]: "
     elif config.log_file:

@@ -4,6 +4,7 @@ Each accepted client gets one backend connection, dialled after accept. The pair
 asyncio Protocols that write each received bytes object straight into the other transport:
 no stream readers, no per-connection task on the data path. Flow control is the transports'
 own: when one side's write buffer passes its high-water mark, the other side stops reading.
+A direction that turns out to be a bulk transfer is handed to proxy.splice (zero-copy).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import asyncio
 import logging
 import socket
 import struct
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from proxy import proxyproto, transparent
 from proxy.access import AllowList
@@ -39,7 +40,7 @@ RETRY_FIRST, RETRY_CAP = 0.05, 0.5
 _LINGER_RESET = struct.pack("ii", 1, 0)
 
 
-def reset(transport: BaseTransport) -> None:
+def reset(transport: Transport) -> None:
     """Close with an RST rather than a FIN, so the peer can tell a failure from a clean end."""
     sock = transport.get_extra_info("socket")
     if sock is not None:
@@ -141,11 +142,10 @@ class ContainerSide(_Side):
         sock = transport.get_extra_info("socket")
         if sock is not None:
             set_keepalive(sock)  # the accepted side inherits these from the listener; this one can't
-        client = self.peer
-        assert client is not None
+        client = cast(ClientSide, self.peer)  # a ContainerSide is always dialled for a client
         if client.transport is None or client.transport.is_closing():
             self.peer = None
-            transport.abort()  # the client left while we were dialling
+            cast("Transport", transport).abort()  # the client left while we were dialling
             return
         client.connected(self, self.header)
 
@@ -178,17 +178,19 @@ class ClientSide(_Side):
             client = transport.get_extra_info("peername")
             if not listener.allow.permits(client[0]):
                 stats.rejected_denied += 1
-                self.transport = None
-                reset(transport)
-                return
+                return self._refuse()
         if listener.max_conns and len(listener.connections) >= listener.max_conns:
             stats.rejected_limit += 1
-            self.transport = None
-            reset(transport)
-            return
+            return self._refuse()
         listener.connections.add(self)
         stats.active += 1
         self.dial = listener.loop.create_task(listener.dial(self))
+
+    def _refuse(self) -> None:
+        """Reset a client we won't serve; it never counts as active (see connection_lost)."""
+        transport, self.transport = self.transport, None
+        assert transport is not None
+        reset(transport)
 
     def data_received(self, data: bytes) -> None:
         peer = self.peer

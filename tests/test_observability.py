@@ -185,3 +185,14 @@ def test_unwritable_log_file_fails_start(tmp_path):
               wait_ready=False)
     assert p.status.startswith(b"1\n-log-file ") and b"no such file" in p.status
     assert p.proc.wait(timeout=10) == 1
+
+
+@pytest.mark.skipif(os.path.exists("/dev/log"), reason="a syslog daemon is listening here")
+def test_syslog_without_a_syslog_daemon_warns_and_serves():
+    b = EchoBackend()
+    port = free_port()
+    p = Proxy([*docker_args(port, b.port), "-log-file", "syslog"])
+    assert exchange("127.0.0.1", port) == b"ping"
+    _, err = p.stop()
+    assert b"-log-file syslog: /dev/log does not exist" in err
+    b.close()
