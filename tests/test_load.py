@@ -7,6 +7,7 @@ import asyncio
 import os
 import resource
 import socket
+import statistics
 import subprocess
 import sys
 import time
@@ -56,6 +57,11 @@ async def main():
     await asyncio.sleep(3600)
 uvloop.run(main())
 """
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def rss_kib(pid: int) -> int:
@@ -113,17 +119,20 @@ def test_two_hundred_thousand_sequential_connections_leak_nothing():
         one(i)
     time.sleep(0.5)
     rss0, fds0 = rss_kib(p.proc.pid), fd_count(p.proc.pid)
-    total, chunk, rates = 200_000, 20_000, []
+    total, chunk, cpu_per_conn = 200_000, 20_000, []
     for start in range(0, total, chunk):
-        began = time.monotonic()
+        cpu0 = cpu_seconds(p.proc.pid)
         for i in range(start, start + chunk):
             one(i)
-        rates.append(chunk / (time.monotonic() - began))
+        cpu_per_conn.append((cpu_seconds(p.proc.pid) - cpu0) / chunk)
     time.sleep(1.0)
     rss1, fds1 = rss_kib(p.proc.pid), fd_count(p.proc.pid)
     assert fds1 == fds0, (fds0, fds1)
     assert rss1 - rss0 < 8 * 1024, (rss0, rss1)  # KiB: no per-connection leak
-    assert min(rates[-3:]) > 0.5 * max(rates[:3]), rates  # no slowdown building up (#47537)
+    # No work building up per connection (docker-proxy burns CPU after ~30k, moby#47537). The
+    # proxy's own CPU time, unlike a wall-clock rate, does not move with other load.
+    first, last = statistics.median(cpu_per_conn[:3]), statistics.median(cpu_per_conn[-3:])
+    assert last < 2 * first, cpu_per_conn
     b.close()
 
 
