@@ -45,7 +45,13 @@ class ReopenableFileHandler(logging.FileHandler):
     """A log file that logrotate can move away: SIGHUP makes us open PATH afresh."""
 
     def reopen(self) -> None:
-        old = self.setStream(self._open())
+        try:
+            stream = self._open()
+        except OSError as exc:  # e.g. after -user, a new file we may not create: keep the old
+            log.warning("-log-file %s: reopen: %s; still writing to the old file",
+                        self.baseFilename, exc.strerror)
+            return
+        old = self.setStream(stream)
         if old is not None:
             old.close()
 

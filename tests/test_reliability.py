@@ -204,3 +204,20 @@ def test_stop_signal_under_load_exits_0_within_a_second(signum, proxy_loop_env):
     assert code == 0 and elapsed < 1.0
     assert b"Traceback" not in err
     b.close()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to drop privileges")
+def test_log_reopen_after_user_drop_keeps_logging_when_the_new_file_is_not_writable(tmp_path):
+    """After -user, SIGHUP's reopen may not be allowed to create the file: the old one stays."""
+    os.chmod(tmp_path, 0o755)  # nobody may write neither here nor a new file
+    log = tmp_path / "pyproxy.log"
+    b = EchoBackend()
+    p = Proxy([*docker_args(free_port(), b.port), "-user", "nobody", "-log-file", str(log)])
+    rotated = tmp_path / "pyproxy.log.1"
+    log.rename(rotated)
+    p.proc.send_signal(signal.SIGHUP)
+    time.sleep(0.3)
+    assert p.proc.poll() is None
+    assert not log.exists()
+    assert "reopen: Permission denied; still writing to the old file" in rotated.read_text()
+    b.close()
