@@ -188,7 +188,7 @@ def expand_ranges(
         )
     return [
         Mapping(proto, host_ip, PortRange(hp, hp), container_ip, cp, interface)
-        for hp, cp in zip(host_ports, container_ports)
+        for hp, cp in zip(host_ports, container_ports, strict=True)
     ]
 
 

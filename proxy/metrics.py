@@ -76,7 +76,7 @@ class StatsCollector(Collector):
             rejected.add_metric(lv + ["limit"], s.rejected_limit)
             dial_failed.add_metric(lv, s.dial_failures)
             cumulative, buckets = 0, []
-            for bound, count in zip([*map(str, DIAL_BUCKETS), "+Inf"], s.dial_bucket_counts):
+            for bound, count in zip([*map(str, DIAL_BUCKETS), "+Inf"], s.dial_bucket_counts, strict=True):
                 cumulative += count
                 buckets.append((bound, cumulative))
             dial.add_metric(lv, buckets, s.dial_seconds_sum)

@@ -122,7 +122,7 @@ class Server:
             self.status.fail(str(exc))
             print(f"pyproxy: {exc}", file=sys.stderr)
             return 1
-        for line, relay in zip(self.mapping_lines(), self.relays):
+        for line, relay in zip(self.mapping_lines(), self.relays, strict=True):
             print(line, flush=True)  # before "ready": whoever waits on fd 3 can read them
             log.info("serving %s -> %s", line, relay.mapping.backend())
         self.status.ready()
