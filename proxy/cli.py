@@ -227,7 +227,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = parse_config(sys.argv[1:] if argv is None else argv)
     except UsageError as exc:
         build_parser().print_usage(sys.stderr)
-        print(f"pyproxy: {exc}", file=sys.stderr)
         status.fail(str(exc))  # under a runtime, the error reaches the user through fd 3
         return USAGE_EXIT
     if config is None:

@@ -107,7 +107,6 @@ class Engine:
         except StartupError as exc:
             log.error("cannot start: %s", exc)
             status.fail(str(exc))
-            print(f"pyproxy: {exc}", flush=True)
             return 1
         status.ready()
         print(f"pyproxy engine serving {self.path}", flush=True)

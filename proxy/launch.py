@@ -127,7 +127,6 @@ def hand_over(engine: _socket.socket, argv: Sequence[str]) -> int:
     except (OSError, ValueError) as exc:
         code, body = 1, f"pyproxy engine: {exc}"
     if code != 0:
-        sys.stderr.write(f"pyproxy: {body}\n")
         status.fail(body)
         return code
     if body:

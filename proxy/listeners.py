@@ -18,7 +18,12 @@ KEEPALIVE_SECONDS = 15  # Go's default TCP keepalive period, which docker-proxy 
 
 
 class StartupError(Exception):
-    """The proxy cannot serve a mapping; the text goes to the status pipe as is."""
+    """The proxy cannot serve a mapping; the text goes to the status pipe as is. `errno` is
+    the system error behind it, when there is one."""
+
+    def __init__(self, text: str, errno: int | None = None) -> None:
+        super().__init__(text)
+        self.errno = errno
 
 
 def go_strerror(err: OSError) -> str:
@@ -39,7 +44,7 @@ def _sock_type(mapping: Mapping) -> tuple[int, int]:
     return socket.SOCK_STREAM, 0
 
 
-def set_keepalive(sock: socket.socket) -> None:
+def set_stream_options(sock: socket.socket) -> None:
     """TCP_NODELAY and 15 s keepalive, as Go (so docker-proxy) sets them on every TCP
     connection: a peer that vanished without a FIN is found and its connection closed.
     (uvloop sets TCP_NODELAY on its own; the standard loop skips sockets made with proto 0.)"""
@@ -67,7 +72,7 @@ def bind_listener(mapping: Mapping, port: int) -> socket.socket:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         if kind == socket.SOCK_STREAM:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            set_keepalive(sock)  # copied by Linux into every accepted socket: no per-accept cost
+            set_stream_options(sock)  # copied by Linux into every accepted socket: no per-accept cost
         if mapping.interface:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, mapping.interface.encode())
         sock.bind((str(mapping.host_ip), port))
@@ -78,7 +83,7 @@ def bind_listener(mapping: Mapping, port: int) -> socket.socket:
         step = "listen" if exc.errno == errno.EOPNOTSUPP else "bind"
         if mapping.interface and exc.errno == errno.ENODEV:
             raise StartupError(f"{where}: no such interface {mapping.interface!r}") from None
-        raise StartupError(f"{where}: {step}: {go_strerror(exc)}") from None
+        raise StartupError(f"{where}: {step}: {go_strerror(exc)}", exc.errno) from None
     sock.setblocking(False)
     return sock
 
@@ -107,6 +112,6 @@ def adopt_listen_fd(mapping: Mapping, fd: int | None = LISTEN_FD) -> socket.sock
         if not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
             sock.detach()
             raise StartupError(f"{where}: fd {LISTEN_FD} is not listening")
-        set_keepalive(sock)
+        set_stream_options(sock)
     sock.setblocking(False)
     return sock

@@ -5,11 +5,11 @@ serve until SIGINT/SIGTERM, then close listeners and connections and exit 0 prom
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
 import resource
 import signal
-import sys
 import threading
 from typing import Any, Union
 
@@ -80,21 +80,19 @@ class Server:
     async def _open(self, mapping: Mapping) -> None:
         if self.config.transparent:
             transparent.check_allowed(mapping.container_ip)
-        if mapping.proto == "sctp" and not self.config.use_listen_fd:
-            # Probe kernel support first, so the error is about SCTP and not about a port.
-            bind_listener(mapping, 0).close()
         adopted = self.config.use_listen_fd
         if adopted:
             sock, port = adopt_listen_fd(mapping, self.listen_fd), mapping.host_port
         else:
             sock, port = _bind_first_free(mapping)
-        stats = self.stats.setdefault(mapping.with_port(port), MappingStats())
+        published = mapping.with_port(port)
+        stats = self.stats.setdefault(published, MappingStats())
         relay: Relay
         if mapping.proto == "udp":
-            relay = UdpRelay(mapping.with_port(port), port, self.config, stats)
+            relay = UdpRelay(published, port, self.config, stats)
             await relay.start(sock, adopted=adopted)
         else:
-            relay = TcpListener(mapping.with_port(port), port, self.config, stats)
+            relay = TcpListener(published, port, self.config, stats)
             await relay.start(sock)
         self.relays.append(relay)
 
@@ -120,7 +118,6 @@ class Server:
         except StartupError as exc:
             log.error("cannot start: %s", exc)
             self.status.fail(str(exc))
-            print(f"pyproxy: {exc}", file=sys.stderr)
             return 1
         for line, relay in zip(self.mapping_lines(), self.relays, strict=True):
             print(line, flush=True)  # before "ready": whoever waits on fd 3 can read them
@@ -178,7 +175,7 @@ def _bind_first_free(mapping: Mapping) -> tuple[Any, int]:
             sock = bind_listener(mapping, port)
         except StartupError as exc:
             last_error = exc
-            if "address already in use" in str(exc):
+            if exc.errno == errno.EADDRINUSE:
                 continue
             raise
         return sock, sock.getsockname()[1]
@@ -202,9 +199,7 @@ def run(config: Config, status: StatusPipe) -> int:
     try:
         setup_logging(config)
     except OSError as exc:
-        message = f"-log-file {config.log_file}: {go_strerror(exc)}"
-        print(f"pyproxy: {message}", file=sys.stderr)
-        status.fail(message)
+        status.fail(f"-log-file {config.log_file}: {go_strerror(exc)}")
         return 1
     try:
         return event_loop_runner()(_main(config, status))  # type: ignore[no-any-return]

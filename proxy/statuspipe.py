@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import stat
+import sys
 
 STATUS_FD = 3
 
@@ -37,6 +38,8 @@ class StatusPipe:
         self._report(b"0\n")
 
     def fail(self, text: str) -> None:
+        """Tell whoever started us: the runtime on fd 3, and a person on stderr."""
+        sys.stderr.write(f"pyproxy: {text}\n")
         self._report(b"1\n" + text.encode(errors="replace"))
 
     def _report(self, payload: bytes) -> None:

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, cast
 from proxy import proxyproto, transparent
 from proxy.access import AllowList
 from proxy.config import Config, Mapping, family_of
-from proxy.listeners import BACKLOG, set_keepalive
+from proxy.listeners import BACKLOG, set_stream_options
 from proxy.splice import SPLICE_AFTER, SPLICE_MIN_READ, Splicer
 from proxy.stats import MappingStats
 
@@ -141,7 +141,7 @@ class ContainerSide(_Side):
         super().connection_made(transport)
         sock = transport.get_extra_info("socket")
         if sock is not None:
-            set_keepalive(sock)  # the accepted side inherits these from the listener; this one can't
+            set_stream_options(sock)  # the accepted side inherits these from the listener; this one can't
         client = cast(ClientSide, self.peer)  # a ContainerSide is always dialled for a client
         if client.transport is None or client.transport.is_closing():
             self.peer = None

@@ -149,6 +149,8 @@ def test_second_engine_on_the_same_socket_is_refused(engine):
     p = Proxy(["-engine", "-engine-socket", path], wait_ready=False)
     assert p.status.startswith(b"1\nengine: another engine is already serving")
     assert p.proc.wait(timeout=10) == 1
+    _, err = output(p.proc)
+    assert b"pyproxy: engine: another engine is already serving" in err  # a person sees it too
 
 
 def test_engine_socket_is_private(engine):
