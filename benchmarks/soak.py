@@ -131,7 +131,7 @@ def main() -> int:
     started = time.monotonic()
     cpu_before = cpu_seconds(proxy.pid)
     try:
-        while (elapsed := time.monotonic() - started) < args.minutes * 60:
+        while time.monotonic() - started < args.minutes * 60:
             time.sleep(1.0)
             m = scrape(metrics)
             samples.append({

@@ -196,6 +196,15 @@ def proxy_loop_env(request: pytest.FixtureRequest) -> dict[str, str]:
 
 
 @pytest.fixture
+def busy_port() -> Iterator[int]:
+    """A port on 127.0.0.1 that a listening socket holds for the whole test."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        yield taken.getsockname()[1]
+
+
+@pytest.fixture
 def proxies() -> Iterator[list[Proxy]]:
     """A list to keep proxies in; reap_proxies kills them (and every other) at the end."""
     yield []

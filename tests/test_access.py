@@ -15,15 +15,14 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.request
 
 import pytest
 
 from proxy.proxyproto import header
 from tests.conftest import Proxy, free_port, needs_ipv6
-from tests.helpers import backend, proxy, tcp_proxy
+from tests.helpers import backend, tcp_proxy
 from tests.netns import Lab, needs_netns
-from tests.test_contract import EchoBackend, docker_args
+from tests.test_contract import docker_args
 from tests.test_udp import UdpBackend, udp_backend, udp_proxy
 
 pytestmark = pytest.mark.timeout(60)

@@ -88,15 +88,11 @@ def test_status_pipe_reports_ready_in_one_write_and_relays(echo_backend, proxy_l
     assert exchange("127.0.0.1", port) == b"ping"
 
 
-def test_port_in_use_reports_failure_on_status_pipe(echo_backend):
-    taken = socket.socket()
-    taken.bind(("127.0.0.1", 0))
-    taken.listen()
-    port = taken.getsockname()[1]
+def test_port_in_use_reports_failure_on_status_pipe(busy_port, echo_backend):
+    port = busy_port
     p = Proxy(docker_args(port, echo_backend.port), wait_ready=False)
     assert p.status == f"1\nlisten tcp4 127.0.0.1:{port}: bind: address already in use".encode()
     assert p.proc.wait(timeout=10) == 1
-    taken.close()
 
 
 @pytest.mark.parametrize("bad, message", [

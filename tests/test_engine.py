@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import signal
 import socket
-import time
 import urllib.request
 
 import pytest
@@ -84,12 +83,9 @@ def test_listen_fd_is_handed_to_the_engine(engine):
         backend.close()
 
 
-def test_errors_come_back_through_the_status_pipe(engine):
+def test_errors_come_back_through_the_status_pipe(busy_port, engine):
     path, _ = engine
-    taken = socket.socket()
-    taken.bind(("127.0.0.1", 0))
-    taken.listen()
-    busy = taken.getsockname()[1]
+    busy = busy_port
     p = spawn_via(path, docker_args(busy, 80), wait_ready=False)
     assert p.status == f"1\nlisten tcp4 127.0.0.1:{busy}: bind: address already in use".encode()
     assert p.proc.wait(timeout=10) == 1
@@ -98,7 +94,6 @@ def test_errors_come_back_through_the_status_pipe(engine):
     assert bad.status.startswith(b"1\nargument -container-port")
     _, err = output(bad.proc)
     assert b"-container-port" in err
-    taken.close()
 
 
 def test_one_metrics_endpoint_covers_every_mapping(engine):

@@ -15,8 +15,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.metrics import make_registry
 from tests.conftest import Proxy, free_port, output
-from tests.helpers import backend, proxy, tcp_proxy
-from tests.test_contract import EchoBackend, docker_args, exchange, udp_exchange
+from tests.helpers import backend, tcp_proxy
+from tests.test_contract import EchoBackend, docker_args, exchange
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -135,16 +135,12 @@ def test_bad_metrics_addr_exits_2(addr, complaint):
     assert b"-metrics-addr" in err and complaint in err
 
 
-def test_metrics_port_in_use_fails_start():
-    taken = socket.socket()
-    taken.bind(("127.0.0.1", 0))
-    taken.listen()
+def test_metrics_port_in_use_fails_start(busy_port):
     b = EchoBackend()
-    p = Proxy([*docker_args(free_port(), b.port), "-metrics-addr", f"127.0.0.1:{taken.getsockname()[1]}"],
+    p = Proxy([*docker_args(free_port(), b.port), "-metrics-addr", f"127.0.0.1:{busy_port}"],
               wait_ready=False)
     assert p.status.startswith(b"1\nmetrics: listen tcp 127.0.0.1:") and b"in use" in p.status
     assert p.proc.wait(timeout=10) == 1
-    taken.close()
     b.close()
 
 

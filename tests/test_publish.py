@@ -12,7 +12,7 @@ from proxy.listeners import StartupError
 from tests.conftest import Proxy, free_port, free_port_block, output
 from tests.helpers import backend, make_config, proxy
 from tests.netns import Lab, needs_netns
-from tests.test_contract import EchoBackend, exchange, udp_exchange
+from tests.test_contract import EchoBackend, exchange
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -47,11 +47,8 @@ async def test_port_ranges_map_one_to_one() -> None:
         s.close()
 
 
-async def test_host_range_with_one_container_port_takes_the_first_free_port() -> None:
-    taken = socket.socket()
-    taken.bind(("127.0.0.1", 0))
-    taken.listen()
-    first = taken.getsockname()[1]
+async def test_host_range_with_one_container_port_takes_the_first_free_port(busy_port) -> None:
+    first = busy_port
     async with backend() as bport, proxy(
         "-p", f"127.0.0.1:{first}-{first + 5}:{bport}", "-container-ip", "127.0.0.1"
     ) as server:
@@ -61,7 +58,6 @@ async def test_host_range_with_one_container_port_takes_the_first_free_port() ->
         writer.write(b"ok")
         assert await reader.readexactly(2) == b"ok"
         writer.close()
-    taken.close()
 
 
 async def test_docker_flags_with_ranges() -> None:
@@ -92,11 +88,8 @@ def test_repeatable_p_mixes_tcp_and_udp(proxies):
     b.close()
 
 
-async def test_all_or_nothing_when_one_mapping_cannot_bind() -> None:
-    taken = socket.socket()
-    taken.bind(("127.0.0.1", 0))
-    taken.listen()
-    busy = taken.getsockname()[1]
+async def test_all_or_nothing_when_one_mapping_cannot_bind(busy_port) -> None:
+    busy = busy_port
     free = free_port()
     from proxy.server import Server
     from proxy.statuspipe import StatusPipe
@@ -109,19 +102,14 @@ async def test_all_or_nothing_when_one_mapping_cannot_bind() -> None:
     again = socket.socket()
     again.bind(("127.0.0.1", free))
     again.close()
-    taken.close()
 
 
-def test_all_or_nothing_reports_the_failing_mapping_on_fd3():
-    taken = socket.socket()
-    taken.bind(("127.0.0.1", 0))
-    taken.listen()
-    busy = taken.getsockname()[1]
+def test_all_or_nothing_reports_the_failing_mapping_on_fd3(busy_port):
+    busy = busy_port
     p = Proxy(["-container-ip", "127.0.0.1", "-p", f"127.0.0.1:{free_port()}:80", "-p", f"127.0.0.1:{busy}:81"],
               wait_ready=False)
     assert p.status == f"1\nlisten tcp4 127.0.0.1:{busy}: bind: address already in use".encode()
     assert p.proc.wait(timeout=10) == 1
-    taken.close()
 
 
 ECHO = r"""

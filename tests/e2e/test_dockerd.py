@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -132,11 +131,8 @@ def test_udp_published_port_answers_through_the_proxy(lab: DockerLab) -> None:
         lab.docker("rm", "-f", "dns", check=False)
 
 
-def test_taken_host_port_fails_docker_run_with_pyproxys_error(lab: DockerLab) -> None:
-    taken = socket.socket()
-    taken.bind(("127.0.0.1", 0))
-    taken.listen()
-    port = taken.getsockname()[1]
+def test_taken_host_port_fails_docker_run_with_pyproxys_error(busy_port, lab: DockerLab) -> None:
+    port = busy_port
     try:
         run = lab.docker("run", "-d", "--name", "clash", "-p", f"127.0.0.1:{port}:80",
                          "pp-busybox:test", "httpd", "-f", "-p", "80", check=False)
@@ -145,7 +141,6 @@ def test_taken_host_port_fails_docker_run_with_pyproxys_error(lab: DockerLab) ->
                 "address already in use").encode() in run.stderr
     finally:
         lab.docker("rm", "-f", "clash", check=False)
-        taken.close()
 
 
 def test_published_range(lab: DockerLab) -> None:
