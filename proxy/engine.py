@@ -159,11 +159,8 @@ class Engine:
             if stop:
                 await self._reply_raw(conn, b"ok\n")
         finally:
-            for fd in fds:
-                try:
-                    os.close(fd)
-                except OSError:
-                    pass  # adopted by the relay and already closed with it
+            for fd in fds:  # passed but not adopted (the adopted one was taken out of fds)
+                os.close(fd)
             conn.close()
 
     async def _start(self, request: bytes | None, fds: list[int], conn: socket.socket

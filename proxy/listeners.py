@@ -106,11 +106,12 @@ def adopt_listen_fd(mapping: Mapping, fd: int | None = LISTEN_FD) -> socket.sock
     actual = {socket.SOCK_STREAM: "a stream socket", socket.SOCK_DGRAM: "a datagram socket"}
     if sock.type != expected_kind or sock.family not in (socket.AF_INET, socket.AF_INET6):
         got = actual.get(sock.type, f"socket type {int(sock.type)}")
-        sock.detach()  # not ours to close: leave fd 4 as dockerd made it
+        # Close our copy: dockerd keeps its own, and in the engine this copy would leak.
+        sock.close()
         raise StartupError(f"{where}: fd {LISTEN_FD} is {got}, not an IP socket of that protocol")
     if expected_kind == socket.SOCK_STREAM:
         if not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
-            sock.detach()
+            sock.close()
             raise StartupError(f"{where}: fd {LISTEN_FD} is not listening")
         set_stream_options(sock)
     sock.setblocking(False)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import time
 import urllib.request
 
 import pytest
@@ -151,3 +152,19 @@ def test_second_engine_on_the_same_socket_is_refused(engine):
 def test_engine_socket_is_private(engine):
     path, _ = engine
     assert os.stat(path).st_mode & 0o777 == 0o600
+
+
+def test_rejected_listen_fds_are_not_kept_by_the_engine(engine):
+    """A registration whose fd 4 is the wrong kind fails cleanly, and the engine does not
+    keep its copy of that socket: a runtime retrying must not drain the engine's fds."""
+    path, eng = engine
+    before = len(os.listdir(f"/proc/{eng.proc.pid}/fd"))
+    for _ in range(5):
+        wrong = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)  # -proto tcp wants a listener
+        p = spawn_via(path, [*docker_args(free_port(), 80), "-use-listen-fd"],
+                      pass_fds={4: wrong.fileno()}, wait_ready=False)
+        wrong.close()
+        assert p.status.startswith(b"1\nlisten fd 4 for tcp: fd 4 is a datagram socket")
+        assert p.proc.wait(timeout=10) == 1
+    time.sleep(0.2)
+    assert len(os.listdir(f"/proc/{eng.proc.pid}/fd")) == before
