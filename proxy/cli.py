@@ -129,14 +129,14 @@ def build_parser() -> argparse.ArgumentParser:
                         help="print the version and exit")
     parser.add_argument("-h", "-help", "--help", action="help", help="show this help and exit")
     # pyproxy's own
-    flag("p", None, None, "publish [IP:|IFACE:]HOSTPORT[-END]:CONTAINERPORT[-END][/tcp|/udp] "
+    flag("p", None, None, "publish [IP:|IFACE:]HOSTPORT[-END]:CONTAINERPORT[-END][/tcp|/udp|/sctp] "
          "(repeatable; backend address from -container-ip)", action="append", metavar="SPEC")
     flag("udp-timeout", parse_duration, 90.0, "UDP flow idle timeout (default 90s)", metavar="D")
     flag("udp-max-flows", _parse_count, 16384, "cap on UDP flows; the idlest is evicted when full",
          metavar="N")
     flag("dial-timeout", parse_duration, 30.0, "backend connect timeout (default 30s)", metavar="D")
     flag("dial-retry", parse_duration, 0.0, "retry a refused backend for up to D", metavar="D")
-    flag("max-conns", _parse_count, 0, "cap on concurrent TCP connections per listener (0: none)",
+    flag("max-conns", _parse_count, 0, "cap on concurrent TCP connections (SCTP associations) per listener (0: none)",
          metavar="N")
     flag("allow", parse_cidr, None, "only clients in this CIDR may connect (repeatable)",
          action="append", metavar="CIDR")
@@ -204,6 +204,11 @@ def config_from_args(args: argparse.Namespace) -> Config:
     if args.transparent and args.proxy_protocol:
         raise UsageError("argument -transparent: the container already sees the client; "
                          "drop -proxy-protocol")
+    if any(m.proto == "sctp" for m in mappings):
+        for flag_name in ("proxy_protocol", "transparent"):
+            if getattr(args, flag_name):
+                raise UsageError(f"argument -{flag_name.replace('_', '-')}: TCP and UDP only, "
+                                 "not SCTP")
     if args.proxy_protocol == 1 and any(m.proto == "udp" for m in mappings):
         raise UsageError("argument -proxy-protocol: UDP needs v2 (v1 is text for TCP streams)")
     # Every pyproxy flag's dest is a Config field of the same name (tests/test_config.py

@@ -36,6 +36,11 @@ def _network(mapping: Mapping) -> str:
     return f"{mapping.proto}{'6' if mapping.family == socket.AF_INET6 else '4'}"
 
 
+_IP_PROTOCOLS = {"tcp": socket.IPPROTO_TCP, "udp": socket.IPPROTO_UDP, "sctp": socket.IPPROTO_SCTP}
+_SOCKET_NAMES = {socket.IPPROTO_TCP: "a TCP socket", socket.IPPROTO_UDP: "a UDP socket",
+                 socket.IPPROTO_SCTP: "an SCTP socket"}
+
+
 def _sock_type(mapping: Mapping) -> tuple[int, int]:
     if mapping.proto == "udp":
         return socket.SOCK_DGRAM, 0
@@ -52,6 +57,20 @@ def set_stream_options(sock: socket.socket) -> None:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, KEEPALIVE_SECONDS)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, KEEPALIVE_SECONDS)
+
+
+# <asm-generic/socket.h>; in the socket module from Python 3.12
+_FORCED = {socket.SO_RCVBUF: getattr(socket, "SO_RCVBUFFORCE", 33),
+           socket.SO_SNDBUF: getattr(socket, "SO_SNDBUFFORCE", 32)}
+
+
+def set_buffer_size(sock: socket.socket, option: int, size: int) -> None:
+    """SO_RCVBUF or SO_SNDBUF to `size` (the kernel doubles it for its bookkeeping). Root may
+    go past net.core.rmem_max / wmem_max with the FORCE variant; anyone else gets up to them."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, _FORCED[option], size)
+    except OSError:
+        sock.setsockopt(socket.SOL_SOCKET, option, size)
 
 
 def bind_listener(mapping: Mapping, port: int) -> socket.socket:
@@ -72,6 +91,7 @@ def bind_listener(mapping: Mapping, port: int) -> socket.socket:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         if kind == socket.SOCK_STREAM:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if mapping.proto == "tcp":
             set_stream_options(sock)  # copied by Linux into every accepted socket: no per-accept cost
         if mapping.interface:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, mapping.interface.encode())
@@ -102,17 +122,19 @@ def adopt_listen_fd(mapping: Mapping, fd: int | None = LISTEN_FD) -> socket.sock
     except OSError as exc:
         raise StartupError(f"{where}: {go_strerror(exc)}") from None
     os.set_inheritable(fd, False)
-    expected_kind, _ = _sock_type(mapping)
-    actual = {socket.SOCK_STREAM: "a stream socket", socket.SOCK_DGRAM: "a datagram socket"}
-    if sock.type != expected_kind or sock.family not in (socket.AF_INET, socket.AF_INET6):
-        got = actual.get(sock.type, f"socket type {int(sock.type)}")
+    if sock.family not in (socket.AF_INET, socket.AF_INET6) or sock.proto != _IP_PROTOCOLS[mapping.proto]:
+        wanted = mapping.proto.upper()
+        got = _SOCKET_NAMES.get(sock.proto) if sock.family in (socket.AF_INET, socket.AF_INET6) else None
         # Close our copy: dockerd keeps its own, and in the engine this copy would leak.
         sock.close()
-        raise StartupError(f"{where}: fd {LISTEN_FD} is {got}, not an IP socket of that protocol")
+        what = f"{got}, not {wanted}" if got else f"not an IP socket of {wanted}"
+        raise StartupError(f"{where}: fd {LISTEN_FD} is {what}")
+    expected_kind, _ = _sock_type(mapping)
     if expected_kind == socket.SOCK_STREAM:
         if not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
             sock.close()
             raise StartupError(f"{where}: fd {LISTEN_FD} is not listening")
+    if mapping.proto == "tcp":
         set_stream_options(sock)
     sock.setblocking(False)
     return sock

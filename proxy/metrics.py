@@ -41,17 +41,18 @@ class StatsCollector(Collector):
         def gauge(name: str, doc: str) -> GaugeMetricFamily:
             return GaugeMetricFamily(f"pyproxy_{name}", doc, labels=LABELS)
 
-        accepted = counter("connections_accepted_total", "TCP connections accepted")
-        active = gauge("connections_active", "TCP connections open now")
+        accepted = counter("connections_accepted_total", "TCP connections (SCTP associations) accepted")
+        active = gauge("connections_active", "TCP connections (SCTP associations) open now")
         rejected = counter("connections_rejected_total",
-                           "TCP connections closed at once: client not allowed, or over -max-conns",
+                           "connections closed at once: client not allowed, or over -max-conns",
                            ["reason"])
         dial_failed = counter("backend_dial_failures_total", "backend connects that failed")
         dial = HistogramMetricFamily("pyproxy_backend_dial_duration_seconds",
                                      "time to connect to the backend", labels=LABELS)
-        tcp_bytes = counter("bytes_total", "bytes relayed over TCP", ["direction"])
+        stream_bytes = counter("bytes_total", "bytes relayed over TCP or SCTP", ["direction"])
         spliced = counter("spliced_directions_total",
                           "TCP directions that switched to zero-copy splice(2) as bulk flows")
+        messages = counter("sctp_messages_total", "SCTP messages relayed", ["direction"])
         flows_active = gauge("udp_flows_active", "UDP flows in the table now")
         flows = counter("udp_flows_total", "UDP flows by how they began or ended", ["event"])
         datagrams = counter("udp_datagrams_total", "UDP datagrams relayed", ["direction"])
@@ -80,10 +81,14 @@ class StatsCollector(Collector):
                 cumulative += count
                 buckets.append((bound, cumulative))
             dial.add_metric(lv, buckets, s.dial_seconds_sum)
-            tcp_bytes.add_metric(lv + ["client_to_container"], s.bytes_from_client)
-            tcp_bytes.add_metric(lv + ["container_to_client"], s.bytes_from_container)
-            spliced.add_metric(lv, s.spliced)
-        yield from (accepted, active, rejected, dial_failed, dial, tcp_bytes, spliced,
+            stream_bytes.add_metric(lv + ["client_to_container"], s.bytes_from_client)
+            stream_bytes.add_metric(lv + ["container_to_client"], s.bytes_from_container)
+            if mapping.proto == "sctp":
+                messages.add_metric(lv + ["client_to_container"], s.messages_from_client)
+                messages.add_metric(lv + ["container_to_client"], s.messages_from_container)
+            else:
+                spliced.add_metric(lv, s.spliced)
+        yield from (accepted, active, rejected, dial_failed, dial, stream_bytes, spliced, messages,
                     flows_active, flows, datagrams, dropped)
 
 

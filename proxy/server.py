@@ -26,12 +26,14 @@ from proxy.privileges import drop_to
 from proxy.logs import LoopErrorReporter, reopen_log_file, setup_logging
 from proxy.stats import MappingStats
 from proxy.statuspipe import StatusPipe
+from proxy.sctp import SctpListener
 from proxy.tcp import TcpListener
 from proxy.udp import UdpRelay
 
 log = logging.getLogger("pyproxy")
 
-Relay = Union[TcpListener, UdpRelay]
+StreamListener = Union[TcpListener, SctpListener]  # accept, dial, relay; abort_all() at exit
+Relay = Union[StreamListener, UdpRelay]
 
 
 def raise_nofile_limit() -> None:
@@ -92,7 +94,8 @@ class Server:
             relay = UdpRelay(published, port, self.config, stats)
             await relay.start(sock, adopted=adopted)
         else:
-            relay = TcpListener(published, port, self.config, stats)
+            listener = TcpListener if mapping.proto == "tcp" else SctpListener
+            relay = listener(published, port, self.config, stats)
             await relay.start(sock)
         self.relays.append(relay)
 
@@ -103,10 +106,10 @@ class Server:
             threading.Thread(target=lambda: (metrics.shutdown(), metrics.server_close()),
                              daemon=True).start()
         for relay in self.relays:
-            if isinstance(relay, TcpListener):
-                relay.stop_accepting()
-            else:
+            if isinstance(relay, UdpRelay):
                 relay.stop()
+            else:
+                relay.stop_accepting()
 
     def mapping_lines(self) -> list[str]:
         """What this server publishes, in `docker port` format."""
@@ -130,12 +133,12 @@ class Server:
     async def shutdown(self, *, drain: bool) -> None:
         """Stop accepting; on SIGTERM with -drain-timeout, let connections finish; close the rest."""
         self.close_listeners()
-        tcp = [r for r in self.relays if isinstance(r, TcpListener)]
+        streams = [r for r in self.relays if not isinstance(r, UdpRelay)]
         if drain and self.config.drain_timeout > 0:
             deadline = asyncio.get_running_loop().time() + self.config.drain_timeout
-            while any(r.connections for r in tcp) and asyncio.get_running_loop().time() < deadline:
+            while any(r.connections for r in streams) and asyncio.get_running_loop().time() < deadline:
                 await asyncio.sleep(0.05)
-        aborted = sum(r.abort_all() for r in tcp)
+        aborted = sum(r.abort_all() for r in streams)
         log.info("stopped; closed %d open connection(s)", aborted)
         await asyncio.sleep(0)  # let the transports' connection_lost callbacks run
 

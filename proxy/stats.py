@@ -15,7 +15,7 @@ DIAL_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1,
 
 @define(eq=False)
 class MappingStats:
-    # TCP
+    # TCP and SCTP
     accepted: int = 0
     active: int = 0
     rejected_denied: int = 0  # client not in -allow
@@ -24,6 +24,9 @@ class MappingStats:
     bytes_from_client: int = 0
     bytes_from_container: int = 0
     spliced: int = 0  # directions that switched to zero-copy splice
+    # SCTP
+    messages_from_client: int = 0
+    messages_from_container: int = 0
     # UDP
     flows_active: int = 0
     flows_created: int = 0

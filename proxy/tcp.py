@@ -347,18 +347,16 @@ class TcpListener:
 
     async def _connect(self, client: ClientSide, header: bytes | None) -> None:
         loop = self.loop
-        if not self.transparent and self.mapping.proto == "tcp":
+        if not self.transparent:
             await loop.create_connection(lambda: ContainerSide(client, header), *self._backend)
             return
-        # SCTP, or a source address of the client's: we make the socket, the loop does the rest.
-        protocol = socket.IPPROTO_SCTP if self.mapping.proto == "sctp" else 0
-        sock = socket.socket(family_of(self.mapping.container_ip), socket.SOCK_STREAM, protocol)
+        # From the client's address: we make and bind the socket, the loop does the rest.
+        sock = socket.socket(family_of(self.mapping.container_ip), socket.SOCK_STREAM)
         try:
             sock.setblocking(False)
-            if self.transparent:
-                assert client.transport is not None
-                peer = client.transport.get_extra_info("peername")
-                transparent.bind_to_client(sock, peer[0], self.mapping.container_ip)
+            assert client.transport is not None
+            peer = client.transport.get_extra_info("peername")
+            transparent.bind_to_client(sock, peer[0], self.mapping.container_ip)
             await loop.sock_connect(sock, self._backend)
         except BaseException:
             sock.close()

@@ -20,6 +20,7 @@ from attrs import define
 from proxy import proxyproto, transparent
 from proxy.access import AllowList
 from proxy.config import Config, Mapping, family_of
+from proxy.listeners import set_buffer_size
 from proxy.stats import MappingStats
 
 log = logging.getLogger("pyproxy")
@@ -34,7 +35,6 @@ RECEIVE_BUFFER = 4 * 1024 * 1024
 Ancillary = list[tuple[int, int, bytes]]
 
 IP_PKTINFO = getattr(socket, "IP_PKTINFO", 8)  # <linux/in.h>; in the socket module from 3.12
-SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)  # <asm-generic/socket.h>
 
 
 @define(eq=False)
@@ -82,10 +82,7 @@ def _reply_pktinfo(level: int, kind: int, data: bytes) -> Ancillary:
 
 
 def deepen_receive_queue(sock: socket.socket) -> None:
-    try:  # root may go past net.core.rmem_max; anyone else gets up to it
-        sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, RECEIVE_BUFFER)
-    except OSError:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECEIVE_BUFFER)
+    set_buffer_size(sock, socket.SO_RCVBUF, RECEIVE_BUFFER)
 
 
 def enable_pktinfo(sock: socket.socket) -> None:

@@ -158,6 +158,15 @@ def test_proxy_protocol_v1_with_udp_is_a_usage_error():
     assert p.proc.wait(timeout=10) == 2
 
 
+@pytest.mark.parametrize("flag", [["-proxy-protocol", "v2"], ["-transparent"]])
+def test_sctp_refuses_what_only_tcp_and_udp_can_carry(flag):
+    """PROXY protocol has no SCTP form; -transparent's source binding is TCP/UDP only."""
+    p = Proxy(["-proto", "sctp", "-host-port", "3868", "-container-port", "3868", *flag],
+              wait_ready=False)
+    assert p.proc.wait(timeout=10) == 2
+    assert p.status == f"1\nargument {flag[0]}: TCP and UDP only, not SCTP".encode()
+
+
 # -- allow list, connection cap ---------------------------------------------------------------
 
 async def connect_from(source: str, port: int, dest: str = "127.0.0.1") -> bytes:

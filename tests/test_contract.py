@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from tests.conftest import Proxy, free_port, needs_ipv6, output, spawn
+from tests.conftest import Proxy, free_port, kernel_has_sctp, needs_ipv6, output, spawn
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -314,14 +314,6 @@ def test_udp_status_pipe_and_stop(udp_echo_backend, proxy_loop_env):
     started = time.monotonic()
     p.proc.send_signal(signal.SIGINT)
     assert p.proc.wait(timeout=5) == 0 and time.monotonic() - started < 1.0
-
-
-def kernel_has_sctp() -> bool:
-    try:
-        socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_SCTP).close()
-        return True
-    except OSError:
-        return False
 
 
 @pytest.mark.skipif(kernel_has_sctp(), reason="this kernel has SCTP: the failure path can't be shown")

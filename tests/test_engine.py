@@ -164,7 +164,7 @@ def test_rejected_listen_fds_are_not_kept_by_the_engine(engine):
         p = spawn_via(path, [*docker_args(free_port(), 80), "-use-listen-fd"],
                       pass_fds={4: wrong.fileno()}, wait_ready=False)
         wrong.close()
-        assert p.status.startswith(b"1\nlisten fd 4 for tcp: fd 4 is a datagram socket")
+        assert p.status.startswith(b"1\nlisten fd 4 for tcp: fd 4 is a UDP socket, not TCP")
         assert p.proc.wait(timeout=10) == 1
     time.sleep(0.2)
     assert len(os.listdir(f"/proc/{eng.proc.pid}/fd")) == before
