@@ -151,10 +151,22 @@ class Backend:
 
 
 @pytest.fixture
-def backend() -> Iterator[Backend]:
-    b = Backend()
-    yield b
-    b.close()
+def make_backend() -> Iterator[Callable[..., Backend]]:
+    """Backend(...) that is closed when the test ends, whatever the test did."""
+    made: list[Backend] = []
+
+    def make(*args: object, **kwargs: object) -> Backend:
+        made.append(Backend(*args, **kwargs))  # type: ignore[arg-type]
+        return made[-1]
+
+    yield make
+    for b in made:
+        b.close()
+
+
+@pytest.fixture
+def backend(make_backend: Callable[..., Backend]) -> Backend:
+    return make_backend()
 
 
 def start(backend_port: int, *extra: str, env: dict[str, str] | None = None,
@@ -165,8 +177,8 @@ def start(backend_port: int, *extra: str, env: dict[str, str] | None = None,
     return p, port
 
 
-def test_messages_keep_boundaries_stream_and_ppid(proxy_loop_env):
-    b = Backend(reply=lambda m: [Message(m.data.upper(), m.sid + 1, m.ppid + 1)])
+def test_messages_keep_boundaries_stream_and_ppid(proxy_loop_env, make_backend):
+    b = make_backend(reply=lambda m: [Message(m.data.upper(), m.sid + 1, m.ppid + 1)])
     p, port = start(b.port, env=proxy_loop_env)
     sent = [Message(b"a", 0, 0), Message(b"bb" * 100, 3, 0x01020304), Message(b"c" * 3000, 7, 46)]
     with connect(port) as c:
@@ -175,8 +187,6 @@ def test_messages_keep_boundaries_stream_and_ppid(proxy_loop_env):
         answers = [recv(c) for _ in sent]
     assert b.received == sent
     assert answers == [Message(m.data.upper(), m.sid + 1, m.ppid + 1) for m in sent]
-    p.stop()
-    b.close()
 
 
 def test_unordered_flag_passes_both_ways(backend):
@@ -190,10 +200,10 @@ def test_unordered_flag_passes_both_ways(backend):
 
 
 @pytest.mark.parametrize("size", [65536, 212992, 1 << 20])
-def test_large_message_arrives_whole_both_ways(size):
+def test_large_message_arrives_whole_both_ways(size, make_backend):
     """Larger than one read: the kernel hands it over in parts, the proxy sends it whole. The
     largest takes peers that raised their send buffers; the proxy raises its own to match."""
-    backend = Backend(big=True)
+    backend = make_backend(big=True)
     p, port = start(backend.port)
     payload = os.urandom(size)
     with connect(port, big=True) as c:
@@ -202,18 +212,16 @@ def test_large_message_arrives_whole_both_ways(size):
         assert recv(c) == Message(payload, 1, 77)
         assert recv(c) == Message(b"next", 1, 78)
     assert [len(m.data) for m in backend.received] == [size, 4]
-    backend.close()
 
 
-def test_streams_beyond_the_kernel_default_of_ten():
+def test_streams_beyond_the_kernel_default_of_ten(make_backend):
     """A client with 100 streams, a container answering on the stream it was asked on."""
-    b = Backend(streams=100)
+    b = make_backend(streams=100)
     p, port = start(b.port)
     with connect(port, streams=100) as c:
         for sid in (0, 10, 57, 99):
             send(c, Message(f"on {sid}".encode(), sid, sid))
             assert recv(c) == Message(f"on {sid}".encode(), sid, sid)
-    b.close()
 
 
 def test_ipv6_frontend_to_ipv4_container(backend):
@@ -245,19 +253,18 @@ def test_client_close_ends_the_container_association(backend):
     assert backend.end_reason == ["eof"]
 
 
-def test_container_close_ends_the_client_association_after_its_last_message():
-    b = Backend(reply=lambda m: CLOSE if m.data == b"bye" else [Message(b"ok", 1, 1)])
+def test_container_close_ends_the_client_association_after_its_last_message(make_backend):
+    b = make_backend(reply=lambda m: CLOSE if m.data == b"bye" else [Message(b"ok", 1, 1)])
     p, port = start(b.port)
     with connect(port) as c:
         send(c, Message(b"hello", 0, 0))
         assert recv(c) == Message(b"ok", 1, 1)
         send(c, Message(b"bye", 0, 0))
         assert recv(c) is None  # EOF: a SHUTDOWN, not an ABORT
-    b.close()
 
 
-def test_container_abort_reaches_the_client_as_an_abort():
-    b = Backend(reply=lambda m: ABORT if m.data == b"die" else [m])
+def test_container_abort_reaches_the_client_as_an_abort(make_backend):
+    b = make_backend(reply=lambda m: ABORT if m.data == b"die" else [m])
     p, port = start(b.port)
     with connect(port) as c:
         send(c, Message(b"x"))
@@ -265,7 +272,6 @@ def test_container_abort_reaches_the_client_as_an_abort():
         send(c, Message(b"die"))
         with pytest.raises(ConnectionResetError):
             recv(c)
-    b.close()
 
 
 def test_container_absent_aborts_the_client_and_says_why():
@@ -295,12 +301,12 @@ def test_dial_retry_reaches_a_container_that_comes_up_late():
                 assert recv(c) == Message(b"late reply", 1, 1)
 
 
-def test_backpressure_holds_one_message_not_the_whole_flood(proxy_loop_env):
+def test_backpressure_holds_one_message_not_the_whole_flood(proxy_loop_env, make_backend):
     """The container doesn't read for a while: the client is held back by the windows, the
     proxy's memory doesn't grow with what was sent, and every message then arrives, in order
     on its stream."""
     reading = threading.Event()
-    b = Backend(reply=lambda m: [], reading=reading)
+    b = make_backend(reply=lambda m: [], reading=reading)
     p, port = start(b.port, env=proxy_loop_env)
     rss = lambda: int(next(l for l in open(f"/proc/{p.proc.pid}/status") if l.startswith("VmRSS")).split()[1])
     count, size = 1000, 16384
@@ -330,7 +336,6 @@ def test_backpressure_holds_one_message_not_the_whole_flood(proxy_loop_env):
         assert [m.ppid for m in b.received if m.sid == sid] == list(range(sid, count, 10))
     assert all(m.data == struct.pack("I", m.ppid) * (size // 4) and m.sid == m.ppid % 10
                for m in b.received)
-    b.close()
 
 
 def test_allow_and_max_conns_abort_whoever_is_refused(backend):
