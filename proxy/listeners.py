@@ -51,9 +51,12 @@ def _sock_type(mapping: Mapping) -> tuple[int, int]:
 
 def set_stream_options(sock: socket.socket) -> None:
     """TCP_NODELAY and 15 s keepalive, as Go (so docker-proxy) sets them on every TCP
-    connection: a peer that vanished without a FIN is found and its connection closed.
-    (uvloop sets TCP_NODELAY on its own; the standard loop skips sockets made with proto 0.)"""
+    connection: a peer that vanished without a FIN is found and its connection closed."""
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    set_keepalive(sock)
+
+
+def set_keepalive(sock: socket.socket) -> None:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, KEEPALIVE_SECONDS)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, KEEPALIVE_SECONDS)

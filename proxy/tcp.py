@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, cast
 from proxy import proxyproto, transparent
 from proxy.access import AllowList
 from proxy.config import Config, Mapping, family_of
-from proxy.listeners import BACKLOG, set_stream_options
+from proxy.listeners import BACKLOG, set_keepalive
 from proxy.splice import SPLICE_AFTER, SPLICE_MIN_READ, Splicer
 from proxy.stats import MappingStats
 
@@ -139,10 +139,19 @@ class ContainerSide(_Side):
         # Pair up here, not after create_connection() returns: the event loop may deliver the
         # container's first bytes before the dialling task resumes.
         super().connection_made(transport)
-        sock = transport.get_extra_info("socket")
-        if sock is not None:
-            set_stream_options(sock)  # the accepted side inherits these from the listener; this one can't
         client = cast(ClientSide, self.peer)  # a ContainerSide is always dialled for a client
+        # Keepalive, which the accepted side inherits from the listener and this one can't (both
+        # loops set TCP_NODELAY on the connections they make). Set on one socket object over the
+        # transport's fd: the loop's socket wrapper would make and validate (getsockname) a new
+        # one for every option.
+        wrapper = transport.get_extra_info("socket")
+        if wrapper is not None:
+            sock = socket.socket(client.listener.backend_family, socket.SOCK_STREAM,
+                                 socket.IPPROTO_TCP, wrapper.fileno())
+            try:
+                set_keepalive(sock)
+            finally:
+                sock.detach()
         if client.transport is None or client.transport.is_closing():
             self.peer = None
             cast("Transport", transport).abort()  # the client left while we were dialling
@@ -256,6 +265,7 @@ class TcpListener:
         self.dialing: dict[ClientSide, float] = {}
         self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]  # set in start()
         self._backend = (str(mapping.container_ip), mapping.container_port)
+        self.backend_family = family_of(mapping.container_ip)
         self._server: asyncio.AbstractServer | None = None
         self._sweeper: asyncio.TimerHandle | None = None
 
@@ -351,7 +361,8 @@ class TcpListener:
             await loop.create_connection(lambda: ContainerSide(client, header), *self._backend)
             return
         # From the client's address: we make and bind the socket, the loop does the rest.
-        sock = socket.socket(family_of(self.mapping.container_ip), socket.SOCK_STREAM)
+        # (IPPROTO_TCP, not 0: the standard loop sets TCP_NODELAY only on sockets that say TCP.)
+        sock = socket.socket(self.backend_family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         try:
             sock.setblocking(False)
             assert client.transport is not None
