@@ -399,3 +399,27 @@ def test_publish_spec_metrics_and_sigterm_with_an_open_association(backend):
     c.close()
     _, err = output(p.proc)
     assert b"Traceback" not in err
+
+
+def test_through_the_engine_with_fd_4(tmp_path, backend):
+    """dockerd's way with an engine running: the spawned pyproxy hands its SCTP socket over."""
+    path = str(tmp_path / "engine.sock")
+    Proxy(["-engine", "-engine-socket", path])
+    listener = sctp_socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    port = listener.getsockname()[1]
+    spawned = Proxy(["-proto", "sctp", "-host-ip", "127.0.0.1", "-host-port", str(port),
+                     "-container-ip", "127.0.0.1", "-container-port", str(backend.port),
+                     "-use-listen-fd"], pass_fds={4: listener.fileno()},
+                    env={"PYPROXY_ENGINE_SOCKET": path})
+    listener.close()
+    # served by the engine: the spawned process becomes the tiny waiter, not an interpreter
+    deadline = time.monotonic() + TIMEOUT
+    while not open(f"/proc/{spawned.proc.pid}/cmdline").read().startswith("pyproxy-wait"):
+        assert time.monotonic() < deadline, "the spawned pyproxy never handed over to the engine"
+        time.sleep(0.05)
+    with connect(port) as c:
+        send(c, Message(b"via the engine", 6, 0xCAFE))
+        assert recv(c) == Message(b"via the engine", 6, 0xCAFE)
+
