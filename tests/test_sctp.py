@@ -10,6 +10,8 @@ proxy's struct formats, so a mistake in the proxy's layout can't be mirrored by 
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import os
 import signal
 import socket
@@ -22,7 +24,9 @@ from typing import NamedTuple
 
 import pytest
 
+from proxy import sctp
 from tests.conftest import Proxy, free_port, kernel_has_sctp, output
+from tests.helpers import proxy
 
 pytestmark = [
     pytest.mark.timeout(120),
@@ -212,6 +216,29 @@ def test_large_message_arrives_whole_both_ways(size, make_backend):
         assert recv(c) == Message(payload, 1, 77)
         assert recv(c) == Message(b"next", 1, 78)
     assert [len(m.data) for m in backend.received] == [size, 4]
+
+
+async def test_a_message_over_the_cap_aborts_the_association(monkeypatch, make_backend, caplog):
+    """Messages are held whole, so their size is capped (16 MiB; 100 kB here): past it the
+    association is aborted and logged, rather than buffered without bound or split."""
+    monkeypatch.setattr(sctp, "MAX_MESSAGE", 100_000)
+    b = make_backend(big=True)
+
+    def client(port: int) -> None:
+        with connect(port, big=True) as c:
+            send(c, Message(b"fine", 1, 1))
+            assert recv(c) == Message(b"fine", 1, 1)
+            send(c, Message(os.urandom(150_000), 1, 2))
+            with pytest.raises(ConnectionResetError):
+                recv(c)
+
+    caplog.set_level(logging.WARNING, logger="pyproxy")
+    async with proxy("-proto", "sctp", "-host-ip", "127.0.0.1", "-host-port", "0",
+                     "-container-ip", "127.0.0.1", "-container-port", str(b.port)) as server:
+        await asyncio.to_thread(client, server.relays[0].port)
+        assert server.stats[server.relays[0].mapping].active == 0
+    assert "receive from client: message too long" in caplog.text
+    assert [m.data for m in b.received] == [b"fine"]
 
 
 def test_streams_beyond_the_kernel_default_of_ten(make_backend):
