@@ -68,6 +68,7 @@ def set_association_options(sock: socket.socket) -> None:
 
 
 def set_listener_options(sock: socket.socket) -> None:
+    """Set once on the listener: Linux copies them into every association it accepts."""
     set_association_options(sock)
     sock.setsockopt(SOL_SCTP, SCTP_INITMSG, INITMSG.pack(CLIENT_STREAMS, 0xFFFF, 0, 0))
 
