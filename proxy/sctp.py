@@ -252,8 +252,12 @@ class Association:
         for direction in self.directions:
             direction.stop()
         for sock in (self.client, self.container):
-            if sock is not None:
-                abort(sock) if abort_all else sock.close()
+            if sock is None:
+                continue
+            if abort_all:
+                abort(sock)
+            else:
+                sock.close()
         self.listener.forget(self)
 
 

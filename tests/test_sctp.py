@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import resource
 import signal
 import socket
 import struct
@@ -379,6 +380,32 @@ def test_allow_and_max_conns_abort_whoever_is_refused(backend):
             recv(second)
         send(first, Message(b"still here"))
         assert recv(first) == Message(b"still here")
+
+
+def test_accept_survives_fd_exhaustion(backend):
+    """Out of descriptors, accept fails: say so once, back off, serve again once fds free up."""
+    port = free_port()
+    p = Proxy(["-proto", "sctp", "-host-ip", "127.0.0.1", "-host-port", str(port), "-container-ip",
+               "127.0.0.1", "-container-port", str(backend.port)],
+              preexec=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (48, 48)))
+    flood = [connect(port) for _ in range(40)]  # each relayed association costs two fds
+    time.sleep(2)  # accept fails meanwhile (and is retried every second)
+    assert p.proc.poll() is None
+    for c in flood:
+        c.close()
+    deadline = time.monotonic() + TIMEOUT
+    while True:
+        try:
+            with connect(port) as c:
+                send(c, Message(b"after", 1, 1))
+                if recv(c) == Message(b"after", 1, 1):
+                    break
+        except OSError:
+            pass
+        assert time.monotonic() < deadline, "the proxy did not serve again after fd exhaustion"
+        time.sleep(0.2)
+    _, err = p.stop()
+    assert b"Traceback" not in err and 1 <= err.count(b"backing off") <= 3
 
 
 def test_use_listen_fd_adopts_an_sctp_socket_and_refuses_a_tcp_one(backend):
