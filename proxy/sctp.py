@@ -24,7 +24,7 @@ from proxy.access import AllowList
 from proxy.config import Config, Mapping, family_of
 from proxy.listeners import go_strerror, set_buffer_size
 from proxy.stats import MappingStats
-from proxy.tcp import RETRY_CAP, RETRY_FIRST
+from proxy.tcp import RETRY_CAP, RETRY_FIRST, dial_error
 
 log = logging.getLogger("pyproxy")
 
@@ -387,10 +387,6 @@ class SctpListener:
     def _dial_failed(self, assoc: Association, exc: OSError | ValueError) -> None:
         assoc.dial = None  # ending now, not to be cancelled by close()
         self.stats.dial_failures += 1
-        if isinstance(exc, TimeoutError):
-            reason = "timed out"
-        else:  # the loops word their connect errors differently; the errno says it plainly
-            reason = go_strerror(exc) if isinstance(exc, OSError) and exc.errno else str(exc)
         log.warning("sctp: client %s: dial %s: %s", assoc.peer[0:2], self.mapping.backend(),
-                    reason)
+                    dial_error(exc))
         assoc.close(abort_all=True)

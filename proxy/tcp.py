@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, cast
 from proxy import proxyproto, transparent
 from proxy.access import AllowList
 from proxy.config import Config, Mapping, family_of
-from proxy.listeners import BACKLOG, set_keepalive
+from proxy.listeners import BACKLOG, go_strerror, set_keepalive
 from proxy.splice import SPLICE_AFTER, SPLICE_MIN_READ, Splicer
 from proxy.stats import MappingStats
 
@@ -49,6 +49,17 @@ def reset(transport: Transport) -> None:
         except OSError:
             pass
     transport.abort()
+
+
+def dial_error(exc: BaseException) -> str:
+    """Why a dial failed, in Go's words ("connection refused"). The loops word the same
+    failure differently (the standard loop's sock_connect says "Connect call failed (...)");
+    the errno says it plainly."""
+    if isinstance(exc, TimeoutError):
+        return "timed out"
+    if isinstance(exc, OSError) and exc.errno:
+        return go_strerror(exc)
+    return str(exc)
 
 
 class _Side(asyncio.Protocol):
@@ -376,12 +387,9 @@ class TcpListener:
 
     def _dial_failed(self, client: ClientSide, exc: BaseException) -> None:
         self.stats.dial_failures += 1
-        if isinstance(exc, TimeoutError):
-            reason = "timed out"
-            if self.transparent:
-                reason += " (with -transparent: is the policy routing for replies in place?)"
-        else:
-            reason = getattr(exc, "strerror", None) or str(exc)
+        reason = dial_error(exc)
+        if isinstance(exc, TimeoutError) and self.transparent:
+            reason += " (with -transparent: is the policy routing for replies in place?)"
         peer = client.transport.get_extra_info("peername") if client.transport else None
         log.warning(
             "%s: client %s: dial %s: %s", self.mapping.proto, peer and peer[0:2],

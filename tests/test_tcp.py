@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import os
 import socket
 
@@ -263,3 +264,17 @@ async def test_reset_during_a_spliced_transfer_reaches_the_client() -> None:
                 await asyncio.sleep(0.001)  # a slowish reader: the reset finds data in flight
         writer.close()
         assert server.relays[0].stats.spliced == 1
+
+
+async def test_a_refused_dial_is_logged_in_the_same_words_on_both_loops(caplog) -> None:
+    """The log line says what the errno says, in Go's words as docker-proxy's would, on either
+    loop (their own wording differs: the standard loop's sock_connect says "Connect call
+    failed (...)"); the SCTP relay words it the same way."""
+    absent = free_port()
+    caplog.set_level(logging.WARNING, logger="pyproxy")
+    async with tcp_proxy(absent) as server:
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.relays[0].port)
+        with pytest.raises(ConnectionResetError):  # the client is reset, as the dial failed
+            await asyncio.wait_for(reader.read(), 5)
+        writer.close()
+    assert f"dial 127.0.0.1:{absent}: connection refused" in caplog.text
