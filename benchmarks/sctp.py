@@ -24,17 +24,10 @@ sys.path[:0] = [HERE, REPO]  # measure and peers; tests.sctpvm
 
 from measure import cpu_seconds  # noqa: E402
 from peers import LOAD_CPU, PEERS, free_port  # noqa: E402
+from tests import sctpvm  # noqa: E402
 
 SOL_SCTP, SCTP_RECVRCVINFO, SCTP_SNDINFO = 132, 32, 2
 HOST = "127.0.0.1"
-
-
-def has_sctp() -> bool:
-    try:
-        socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_SCTP).close()
-        return True
-    except OSError:
-        return False
 
 
 def sctp_socket() -> socket.socket:
@@ -119,10 +112,9 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10)
     parser.add_argument("--size", type=int, default=64, help="message size in bytes")
     args = parser.parse_args()
-    if has_sctp():
+    if sctpvm.kernel_has_sctp():
         run(args.seconds, args.size)
         return
-    from tests import sctpvm
 
     why = sctpvm.available()
     if why:

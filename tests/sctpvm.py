@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import shlex
 import shutil
+import socket
 import subprocess
 import tempfile
 
@@ -47,6 +48,15 @@ chroot /host /bin/sh /run/run.sh
 echo "{mark} $?"
 poweroff -f
 """.replace("{mark}", EXIT_MARK)
+
+
+def kernel_has_sctp() -> bool:
+    """Whether this machine's own kernel has SCTP (then no VM is needed)."""
+    try:
+        socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_SCTP).close()
+        return True
+    except OSError:
+        return False
 
 
 def available() -> str | None:

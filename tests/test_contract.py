@@ -14,7 +14,8 @@ import time
 
 import pytest
 
-from tests.conftest import Proxy, free_port, kernel_has_sctp, needs_ipv6, output, spawn
+from tests.conftest import Proxy, free_port, needs_ipv6, output, spawn
+from tests.sctpvm import kernel_has_sctp
 
 pytestmark = pytest.mark.timeout(60)
 

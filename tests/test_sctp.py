@@ -26,7 +26,8 @@ from typing import NamedTuple
 import pytest
 
 from proxy import sctp
-from tests.conftest import Proxy, free_port, kernel_has_sctp, output
+from tests.conftest import Proxy, free_port, output
+from tests.sctpvm import kernel_has_sctp
 from tests.helpers import proxy
 
 pytestmark = [
