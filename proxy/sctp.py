@@ -347,7 +347,9 @@ class SctpListener:
         assoc.dial = self.loop.create_task(self._dial(assoc))
 
     async def _dial(self, assoc: Association) -> None:
-        """Connect to the container for `assoc`, retrying a refusal for up to -dial-retry."""
+        """Connect to the container for `assoc`, retrying a refusal for up to -dial-retry.
+        (A plain asyncio.timeout() per dial: TCP's one-sweeper-per-listener saves a timer per
+        connection on its hot path, and is bound to its Protocol pair; associations are few.)"""
         loop = self.loop
         started = loop.time()
         deadline = started + self.dial_retry
