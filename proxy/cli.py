@@ -21,6 +21,7 @@ from proxy.config import (
     Mapping,
     PortRange,
     expand_ranges,
+    is_decimal,
     parse_cidr,
     parse_duration,
     parse_ip,
@@ -59,7 +60,7 @@ def _parse_bool(text: str) -> bool:
 
 
 def _parse_count(text: str) -> int:
-    if not text.isdigit():
+    if not is_decimal(text):
         raise ValueError("not a non-negative whole number")
     return int(text)
 
@@ -73,7 +74,7 @@ def _parse_proxy_protocol(text: str) -> int:
 
 def _parse_metrics_addr(text: str) -> tuple[str, int]:
     host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or not 0 < int(port) <= 65535:
+    if not sep or not is_decimal(port) or not 0 < int(port) <= 65535:
         raise ValueError("must be HOST:PORT, for example 127.0.0.1:9100")
     if not host:
         # Metrics reveal traffic: a bare ":PORT" would serve them on every address.
@@ -217,9 +218,43 @@ def config_from_args(args: argparse.Namespace) -> Config:
     return Config(mappings=mappings, **own)
 
 
+def join_flag_values(argv: Sequence[str]) -> list[str]:
+    """Go's flag package gives a flag that takes a value the next argument, whatever it looks
+    like; argparse refuses one that starts with '-' ("-dial-timeout -1s": "expected one
+    argument"). Writing each such pair as "-flag=value" makes argparse take it as Go does, so
+    the value's own parser says what is wrong with it. Booleans take no separate value in Go,
+    and "--" ends the flags, as there."""
+    takes_value = _value_flags()
+    out: list[str] = []
+    args = iter(argv)
+    for arg in args:
+        if arg == "--":
+            out.append(arg)
+            out.extend(args)
+            break
+        if arg in takes_value:
+            value = next(args, None)
+            out.append(arg if value is None else f"{arg}={value}")
+        else:
+            out.append(arg)
+    return out
+
+
+@functools.cache
+def _value_flags() -> frozenset[str]:
+    """The spellings of every flag that takes exactly one value."""
+    return frozenset(
+        option
+        for action in build_parser()._actions
+        if action.option_strings and action.nargs is None
+        and isinstance(action, (argparse._StoreAction, argparse._AppendAction))
+        for option in action.option_strings
+    )
+
+
 def parse_config(argv: Sequence[str]) -> Config | None:
     """The Config for argv, or None when the command was -v (already answered)."""
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(join_flag_values(argv))
     if args.version:
         print(f"pyproxy version {__version__}")
         return None

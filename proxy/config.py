@@ -24,21 +24,33 @@ PROTOCOLS: tuple[Proto, ...] = ("tcp", "udp", "sctp")
 MAX_PORT = 65535
 
 # Linux interface names: at most IFNAMSIZ-1 = 15 bytes, no '/', ':' or whitespace.
-_IFACE = re.compile(r"^[A-Za-z0-9_.@-]{1,15}$")
+_IFACE = re.compile(r"^[A-Za-z0-9_.@-]{1,15}\Z")
+
+
+def is_decimal(text: str) -> bool:
+    """ASCII digits only: str.isdigit() and int() also take '²', '５' and '٣', which no
+    port, count or uid is ever written with."""
+    return text.isascii() and text.isdigit()
 
 
 def parse_ip(text: str) -> IPAddress:
-    """An IPv4 or IPv6 address; brackets around IPv6 are accepted ("[::1]")."""
+    """An IPv4 or IPv6 address; brackets around IPv6 are accepted ("[::1]"), and so is an
+    IPv6 zone ("fe80::1%eth0"), which must name an interface (whether it exists is only
+    known when a socket uses it: see proxy.listeners)."""
     if text.startswith("[") and text.endswith("]"):
         text = text[1:-1]
     try:
-        return ipaddress.ip_address(text)
+        ip = ipaddress.ip_address(text)
     except ValueError:
         raise ValueError(f"{text!r} is not an IP address") from None
+    zone = getattr(ip, "scope_id", None)
+    if zone is not None and not (is_decimal(zone) or _IFACE.match(zone)):
+        raise ValueError(f"{text!r}: zone {zone!r} is not an interface name or index")
+    return ip
 
 
 def parse_port(text: str, *, allow_zero: bool = True) -> int:
-    if not text.isdigit():
+    if not is_decimal(text):
         raise ValueError(f"{text!r} is not a port number")
     port = int(text)
     if port > MAX_PORT or (port == 0 and not allow_zero):
@@ -75,7 +87,7 @@ class PortRange:
 
 
 # A Go duration: a sequence of decimal numbers with units, "300ms", "1m30s", "1.5h".
-_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
+_DURATION_PART = re.compile(r"([0-9]+(?:\.[0-9]*)?|\.[0-9]+)(ns|us|µs|ms|s|m|h)")
 _UNIT_SECONDS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
 
 
@@ -83,6 +95,8 @@ def parse_duration(text: str) -> float:
     """A non-negative Go duration (`time.ParseDuration` syntax) in seconds."""
     if text == "0":
         return 0.0
+    if text.startswith("-") and _DURATION_PART.match(text, 1):
+        raise ValueError("a duration must not be negative")
     pos, total = 0, 0.0
     while pos < len(text):
         match = _DURATION_PART.match(text, pos)

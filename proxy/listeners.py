@@ -10,7 +10,7 @@ import errno
 import os
 import socket
 
-from proxy.config import Mapping
+from proxy.config import IPAddress, Mapping, is_decimal
 
 LISTEN_FD = 4
 BACKLOG = 4096  # capped by net.core.somaxconn
@@ -76,10 +76,33 @@ def set_buffer_size(sock: socket.socket, option: int, size: int) -> None:
         sock.setsockopt(socket.SOL_SOCKET, option, size)
 
 
+def _zone_exists(ip: IPAddress) -> bool:
+    """An IPv6 zone ("fe80::1%eth0") names an interface this host has. Checked here because
+    getaddrinfo, which resolves the zone inside bind() and connect(), reports a missing one as
+    EAI_NONAME, which reads "unknown error -2"."""
+    zone = getattr(ip, "scope_id", None)
+    if not zone or is_decimal(zone):  # an index: the kernel checks it (ENODEV)
+        return True
+    try:
+        socket.if_nametoindex(zone)
+    except OSError:
+        return False
+    return True
+
+
+def check_zones(mapping: Mapping, where: str) -> None:
+    """Both addresses' IPv6 zones name interfaces that exist, or a StartupError says which not."""
+    for ip, what in ((mapping.host_ip, where),
+                     (mapping.container_ip, f"{where}: container address {mapping.container_ip}")):
+        if not _zone_exists(ip):
+            raise StartupError(f"{what}: no such network interface {ip.scope_id!r}")  # type: ignore[union-attr]
+
+
 def bind_listener(mapping: Mapping, port: int) -> socket.socket:
     """A bound (and for streams, listening) socket for the mapping on `port`."""
     kind, proto = _sock_type(mapping)
     where = f"listen {_network(mapping)} {mapping.frontend(port)}"
+    check_zones(mapping, where)
     try:
         sock = socket.socket(mapping.family, kind, proto)
     except OSError as exc:
@@ -106,6 +129,8 @@ def bind_listener(mapping: Mapping, port: int) -> socket.socket:
         step = "listen" if exc.errno == errno.EOPNOTSUPP else "bind"
         if mapping.interface and exc.errno == errno.ENODEV:
             raise StartupError(f"{where}: no such interface {mapping.interface!r}") from None
+        if exc.errno == errno.ENODEV:  # an IPv6 zone given as an index nothing has
+            raise StartupError(f"{where}: bind: no such network interface", exc.errno) from None
         raise StartupError(f"{where}: {step}: {go_strerror(exc)}", exc.errno) from None
     sock.setblocking(False)
     return sock
@@ -118,6 +143,7 @@ def adopt_listen_fd(mapping: Mapping, fd: int | None = LISTEN_FD) -> socket.sock
     it was handed to, None if none was passed. Messages name fd 4, which is what users know.
     """
     where = f"listen fd {LISTEN_FD} for {mapping.proto}"
+    check_zones(mapping, where)
     if fd is None:
         raise StartupError(f"{where}: {go_strerror(OSError(errno.EBADF, ''))}")
     try:

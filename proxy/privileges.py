@@ -8,14 +8,15 @@ from __future__ import annotations
 import os
 import pwd
 
+from proxy.config import is_decimal
 from proxy.listeners import StartupError
 
 
 def drop_to(user: str) -> None:
     """Become `user` (and its primary group, no supplementary groups), for good."""
     try:
-        entry = pwd.getpwnam(user) if not user.isdigit() else pwd.getpwuid(int(user))
-    except KeyError:
+        entry = pwd.getpwuid(int(user)) if is_decimal(user) else pwd.getpwnam(user)
+    except (KeyError, ValueError, OverflowError):  # ValueError: a NUL in the name
         raise StartupError(f"-user {user}: no such user") from None
     try:
         os.setgroups([])

@@ -29,9 +29,15 @@ def test_go_durations(text: str, seconds: float) -> None:
     assert parse_duration(text) == pytest.approx(seconds)
 
 
-@pytest.mark.parametrize("text", ["", "90", "s", "1x", "-1s", "1 s", "1s2", "ms"])
+@pytest.mark.parametrize("text", ["", "90", "s", "1x", "1 s", "1s2", "ms", "-", "--1s", "1٣s"])
 def test_bad_durations(text: str) -> None:
     with pytest.raises(ValueError, match="not a duration"):
+        parse_duration(text)
+
+
+@pytest.mark.parametrize("text", ["-1s", "-0.5ms", "-1m30s"])
+def test_negative_durations_say_so(text: str) -> None:
+    with pytest.raises(ValueError, match="must not be negative"):
         parse_duration(text)
 
 

@@ -1,0 +1,144 @@
+"""Hostile values on the command line: each gets a clear message naming its flag and a
+non-zero exit (2 for usage, 1 at start-up, on fd 3 where dockerd reads it), never a traceback
+and never a hang."""
+
+from __future__ import annotations
+
+import ipaddress
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from proxy.cli import UsageError, join_flag_values, parse_config
+from proxy.config import is_decimal, parse_duration, parse_ip, parse_port
+from proxy.listeners import StartupError
+from proxy.privileges import drop_to
+from tests.conftest import Proxy, free_port
+from tests.test_contract import docker_args
+
+pytestmark = pytest.mark.timeout(60)
+
+# Each is a digit to str.isdigit() and to int(), none is one a port or uid is written with.
+NOT_ASCII_DIGITS = ["²", "５", "٣", "८०", "1٣", "８０"]
+
+
+# -- the parsers ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("text", NOT_ASCII_DIGITS)
+def test_only_ascii_digits_are_numbers(text: str) -> None:
+    assert not is_decimal(text)
+    with pytest.raises(ValueError, match="not a port number"):
+        parse_port(text)
+    with pytest.raises(ValueError, match="not a duration"):
+        parse_duration(text + "s")
+
+
+@pytest.mark.parametrize("flag", ["-udp-max-flows", "-max-conns"])
+@pytest.mark.parametrize("text", NOT_ASCII_DIGITS)
+def test_counts_take_ascii_digits_only(flag: str, text: str) -> None:
+    with pytest.raises(UsageError, match=f"argument {flag}"):
+        parse_config(["-p", "80:80", flag, text])
+
+
+@pytest.mark.parametrize("argv", [
+    ["-p", "８０:80"], ["-p", "80:٨٠"], ["-host-port", "５", "-container-port", "80"],
+    ["-p", "80:80", "-metrics-addr", "127.0.0.1:９１００"],
+])
+def test_ports_take_ascii_digits_only(argv: list[str]) -> None:
+    with pytest.raises(UsageError):
+        parse_config(argv)
+
+
+def test_ipv6_zone_must_name_an_interface() -> None:
+    assert parse_ip("fe80::1%eth0") == ipaddress.ip_address("fe80::1%eth0")
+    assert parse_ip("[fe80::1%2]") == ipaddress.ip_address("fe80::1%2")
+    for text in ("fe80::1%٣", "fe80::1%a b", "fe80::1%eth0\n", "fe80::1%" + "x" * 16):
+        with pytest.raises(ValueError):
+            parse_ip(text)
+
+
+@pytest.mark.parametrize("user", ["²", "٣", "５"])
+def test_user_with_non_ascii_digits_is_no_such_user(user: str) -> None:
+    with pytest.raises(StartupError, match=f"-user {user}: no such user"):
+        drop_to(user)
+
+
+def test_negative_duration_is_its_flags_error_not_a_missing_value() -> None:
+    """Go's flag package takes "-1s" as -dial-timeout's value, and then refuses it."""
+    for flag in ("-dial-timeout", "--dial-timeout", "-udp-timeout", "-drain-timeout"):
+        with pytest.raises(UsageError,
+                           match=f"{flag.lstrip('-')}: invalid value '-1s': a duration must not be negative"):
+            parse_config(["-p", "80:80", flag, "-1s"])
+
+
+def test_every_go_spelling_of_a_value_still_works() -> None:
+    spellings = [["-dial-timeout", "5s"], ["-dial-timeout=5s"], ["--dial-timeout", "5s"],
+                 ["--dial-timeout=5s"]]
+    for spelling in spellings:
+        config = parse_config(["-p", "80:80", *spelling])
+        assert config is not None and config.dial_timeout == 5.0
+    # a boolean takes no separate value in Go: what follows it is the next flag
+    config = parse_config(["-use-listen-fd", "-p", "80:80"])
+    assert config is not None and config.use_listen_fd
+    # a value that looks like a flag is still the value, e.g. an -allow that is misspelt
+    with pytest.raises(UsageError, match="argument -allow.*'-p'"):
+        parse_config(["-allow", "-p", "80:80"])
+
+
+def test_join_leaves_what_is_not_a_flag_pair() -> None:
+    assert join_flag_values(["-p", "-1:80", "-use-listen-fd", "-x", "y"]) == [
+        "-p=-1:80", "-use-listen-fd", "-x", "y"]
+    assert join_flag_values(["-p"]) == ["-p"]  # no value: argparse says "expected one argument"
+    assert join_flag_values(["--", "-p", "1"]) == ["--", "-p", "1"]  # "--" ends the flags
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.sampled_from(["-p", "-dial-timeout", "-udp-max-flows", "-allow", "-log-level", "-user"]),
+       st.text(max_size=10))
+def test_any_value_means_the_same_after_a_space_or_an_equals_sign(flag: str, value: str) -> None:
+    def outcome(argv: list[str]) -> object:
+        try:
+            return parse_config(["-host-port", "1", "-container-port", "2", *argv])
+        except UsageError as exc:
+            return str(exc)
+
+    assert outcome([flag, value]) == outcome([f"{flag}={value}"])
+
+
+# -- as dockerd sees them: fd 3, exit code, stderr -----------------------------------------------
+
+def _refused(args: list[str], code: int) -> tuple[bytes, bytes]:
+    """Start pyproxy as dockerd does; it must fail with `code`, fd 3 saying why."""
+    p = Proxy(args, wait_ready=False)
+    assert p.proc.wait(timeout=20) == code
+    _, err = p.stop()
+    assert p.status.startswith(b"1\n"), p.status
+    assert b"Traceback" not in err and b"Logging error" not in err, err
+    return p.status, err
+
+
+def test_user_superscript_two_is_no_such_user():
+    status, _ = _refused([*docker_args(free_port(), 80), "-user", "²"], 1)
+    assert status == "1\n-user ²: no such user".encode()
+
+
+def test_fullwidth_port_is_a_usage_error():
+    status, _ = _refused(docker_args(free_port(), 80)[:-1] + ["８０"], 2)
+    assert b"-container-port" in status and b"not a port number" in status
+
+
+def test_negative_dial_timeout_says_so():
+    status, _ = _refused([*docker_args(free_port(), 80), "-dial-timeout", "-1s"], 2)
+    assert b"dial-timeout" in status and b"must not be negative" in status
+    assert b"expected one argument" not in status
+
+
+def test_unknown_ipv6_zone_names_the_interface():
+    args = docker_args(free_port(), 80, host_ip="fe80::1%nosuchif")
+    status, _ = _refused(args, 1)
+    assert b"no such network interface 'nosuchif'" in status and b"unknown error" not in status
+    args = docker_args(free_port(), 80, host_ip="::1")
+    args[args.index("-container-ip") + 1] = "fe80::1%nosuchif"
+    status, _ = _refused(args, 1)
+    assert b"container address fe80::1%nosuchif: no such network interface 'nosuchif'" in status
