@@ -5,10 +5,12 @@ or JSON), and the event loop's own error reports folded into one line each, neve
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import logging
 import logging.handlers
 import os
+import stat
 import sys
 import time
 from typing import Any
@@ -41,19 +43,87 @@ class JSONFormatter(logging.Formatter):
 JSONFormatter.converter = time.gmtime
 
 
-class ReopenableFileHandler(logging.FileHandler):
+class ReportOnce(logging.Handler):
+    """A handler whose failed writes (a full disk, /dev/full, a syslog daemon gone) are said
+    once on stderr, not as logging's traceback per line; said again only after a write has
+    succeeded in between. The proxy carries on either way: logs never stop traffic."""
+
+    failing = False  # set while writes fail; True from the start if we already said why
+    _failed_now = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self._failed_now = False
+        super().emit(record)
+        if not self._failed_now:
+            self.failing = False
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        self._failed_now = True
+        if self.failing:
+            return
+        self.failing = True
+        exc = sys.exc_info()[1]
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else repr(exc)
+        try:
+            sys.stderr.write(f"pyproxy: -log-file {self.target}: cannot write: {reason}; "
+                             "log lines are lost until it works again\n")
+            sys.stderr.flush()
+        except (OSError, ValueError, AttributeError):  # no stderr either: nowhere to say it
+            pass
+
+    @property
+    def target(self) -> str:
+        return "syslog"
+
+
+class SyslogHandler(ReportOnce, logging.handlers.SysLogHandler):
+    pass
+
+
+class ReopenableFileHandler(ReportOnce, logging.FileHandler):
     """A log file that logrotate can move away: SIGHUP makes us open PATH afresh."""
+
+    @property
+    def target(self) -> str:
+        return self.baseFilename
+
+    def _open(self):  # type: ignore[no-untyped-def]
+        """Opened without blocking: open(2) of a FIFO waits for a reader, which would hang
+        start-up before fd 3 is answered. Only a regular file or a character device (a tty,
+        /dev/null) is taken: a FIFO, socket or directory is refused, naming what it is."""
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NONBLOCK | os.O_CLOEXEC
+        try:
+            fd = os.open(self.baseFilename, flags, 0o666)  # less the umask, as open() does
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:  # a FIFO nobody reads yet: say what it is
+                _refuse_unless_file(os.stat(self.baseFilename).st_mode)
+            raise
+        try:
+            _refuse_unless_file(os.fstat(fd).st_mode)
+            os.set_blocking(fd, True)
+            return open(fd, "a", encoding=self.encoding, errors=self.errors)
+        except BaseException:
+            os.close(fd)
+            raise
 
     def reopen(self) -> None:
         try:
             stream = self._open()
         except OSError as exc:  # e.g. after -user, a new file we may not create: keep the old
             log.warning("-log-file %s: reopen: %s; still writing to the old file",
-                        self.baseFilename, exc.strerror)
+                        self.baseFilename, exc.strerror or exc)
             return
         old = self.setStream(stream)
         if old is not None:
             old.close()
+
+
+def _refuse_unless_file(mode: int) -> None:
+    if stat.S_ISREG(mode) or stat.S_ISCHR(mode):
+        return
+    kind = ("a FIFO" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode)
+            else "a block device" if stat.S_ISBLK(mode) else "not a file")
+    raise OSError(f"is {kind}; give a regular file, a character device or 'syslog'")
 
 
 def setup_logging(config: Config) -> logging.Handler:
@@ -62,10 +132,12 @@ def setup_logging(config: Config) -> logging.Handler:
     if config.log_file == "syslog":
         # Like openlog(3), a syslog daemon that is not there yet is not an error: each message
         # tries again. But say so once, where someone starting us by hand will see it.
+        syslog = SyslogHandler(address=SYSLOG_SOCKET)
         if not os.path.exists(SYSLOG_SOCKET):
             sys.stderr.write(f"pyproxy: -log-file syslog: {SYSLOG_SOCKET} does not exist; "
                              "logs are dropped until a syslog daemon listens there\n")
-        handler = logging.handlers.SysLogHandler(address=SYSLOG_SOCKET)
+            syslog.failing = True  # just said so: not again for every line
+        handler = syslog
         handler.ident = f"pyproxy[{os.getpid()}]: "
     elif config.log_file:
         handler = ReopenableFileHandler(config.log_file)

@@ -5,6 +5,8 @@ and never a hang."""
 from __future__ import annotations
 
 import ipaddress
+import os
+import signal
 
 import pytest
 from hypothesis import given, settings
@@ -15,7 +17,7 @@ from proxy.config import is_decimal, parse_duration, parse_ip, parse_port
 from proxy.listeners import StartupError
 from proxy.privileges import drop_to
 from tests.conftest import Proxy, free_port
-from tests.test_contract import docker_args
+from tests.test_contract import EchoBackend, docker_args, exchange
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -132,6 +134,31 @@ def test_negative_dial_timeout_says_so():
     status, _ = _refused([*docker_args(free_port(), 80), "-dial-timeout", "-1s"], 2)
     assert b"dial-timeout" in status and b"must not be negative" in status
     assert b"expected one argument" not in status
+
+
+def test_log_file_on_a_fifo_is_refused_at_once(tmp_path):
+    """open(2) of a FIFO waits for a reader: start-up hung before fd 3 was answered."""
+    fifo = tmp_path / "log.fifo"
+    os.mkfifo(fifo)
+    status, _ = _refused([*docker_args(free_port(), 80), "-log-file", str(fifo)], 1)
+    assert status == f"1\n-log-file {fifo}: is a FIFO; give a regular file, a character device " \
+                     "or 'syslog'".encode()
+
+
+def test_log_file_that_cannot_be_written_is_reported_once_and_traffic_flows(proxies):
+    """/dev/full opens, then every write fails with ENOSPC: said once, not a traceback a line."""
+    b = EchoBackend()
+    port = free_port()
+    p = Proxy([*docker_args(port, b.port), "-log-file", "/dev/full", "-log-level", "debug"])
+    proxies.append(p)
+    for _ in range(3):
+        assert exchange("127.0.0.1", port) == b"ping"
+    _, err = p.stop(signal.SIGINT)
+    assert p.proc.returncode == 0
+    assert b"Traceback" not in err and b"Logging error" not in err, err
+    assert err.count(b"cannot write") == 1, err
+    assert b"-log-file /dev/full: cannot write: No space left on device" in err
+    b.close()
 
 
 def test_unknown_ipv6_zone_names_the_interface():

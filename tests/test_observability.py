@@ -187,8 +187,11 @@ def test_unwritable_log_file_fails_start(tmp_path):
 def test_syslog_without_a_syslog_daemon_warns_and_serves():
     b = EchoBackend()
     port = free_port()
-    p = Proxy([*docker_args(port, b.port), "-log-file", "syslog"])
+    p = Proxy([*docker_args(port, b.port), "-log-file", "syslog", "-log-level", "debug"])
     assert exchange("127.0.0.1", port) == b"ping"
     _, err = p.stop()
     assert b"-log-file syslog: /dev/log does not exist" in err
+    # said once at start, not as logging's traceback for every line that follows
+    assert b"Logging error" not in err and b"Traceback" not in err, err
+    assert err.count(b"/dev/log") == 1, err
     b.close()
