@@ -19,6 +19,7 @@ import errno
 import logging
 import socket
 import struct
+from time import perf_counter
 
 from proxy.access import AllowList
 from proxy.config import Config, Mapping, family_of
@@ -350,8 +351,7 @@ class SctpListener:
         """Connect to the container for `assoc`, retrying a refusal for up to -dial-retry.
         (A plain asyncio.timeout() per dial: TCP's one-sweeper-per-listener saves a timer per
         connection on its hot path, and is bound to its Protocol pair; associations are few.)"""
-        loop = self.loop
-        started = loop.time()
+        started = perf_counter()  # not loop.time(): see TcpListener.dial
         deadline = started + self.dial_retry
         wait = RETRY_FIRST
         try:
@@ -361,14 +361,14 @@ class SctpListener:
                         container = await self._connect(assoc.client)
                         break
                     except ConnectionRefusedError:
-                        if loop.time() + wait > deadline:
+                        if perf_counter() + wait > deadline:
                             raise
                         await asyncio.sleep(wait)
                         wait = min(wait * 2, RETRY_CAP)
         except (OSError, ValueError) as exc:  # TimeoutError is an OSError
             return self._dial_failed(assoc, exc)
         assoc.dial = None
-        self.stats.observe_dial(loop.time() - started)
+        self.stats.observe_dial(perf_counter() - started)
         assoc.connected(container)
 
     async def _connect(self, client: socket.socket) -> socket.socket:

@@ -13,6 +13,7 @@ import asyncio
 import logging
 import socket
 import struct
+from time import perf_counter
 from typing import TYPE_CHECKING, cast
 
 from proxy import proxyproto, transparent
@@ -333,7 +334,9 @@ class TcpListener:
     async def dial(self, client: ClientSide) -> None:
         """Connect to the container for `client`, retrying a refusal for up to -dial-retry."""
         loop = self.loop
-        started = loop.time()
+        # perf_counter, not loop.time(): uvloop's clock ticks in whole milliseconds, and a dial
+        # on loopback or a bridge takes tens of microseconds (the histogram would see only 0).
+        started = perf_counter()
         deadline = started + self.dial_retry
         wait = RETRY_FIRST
         header = None
@@ -352,7 +355,7 @@ class TcpListener:
                     break
                 except ConnectionRefusedError as exc:
                     del dialing[client]  # not dialling while it waits to retry
-                    if loop.time() + wait > deadline:
+                    if perf_counter() + wait > deadline:
                         return self._dial_failed(client, exc)
                     await asyncio.sleep(wait)
                     wait = min(wait * 2, RETRY_CAP)
@@ -364,7 +367,7 @@ class TcpListener:
             return self._dial_failed(client, TimeoutError())
         finally:
             dialing.pop(client, None)
-        self.stats.observe_dial(loop.time() - started)
+        self.stats.observe_dial(perf_counter() - started)
 
     async def _connect(self, client: ClientSide, header: bytes | None) -> None:
         loop = self.loop
