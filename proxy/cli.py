@@ -133,9 +133,10 @@ def build_parser() -> argparse.ArgumentParser:
     flag("p", None, None, "publish [IP:|IFACE:]HOSTPORT[-END]:CONTAINERPORT[-END][/tcp|/udp|/sctp] "
          "(repeatable; backend address from -container-ip)", action="append", metavar="SPEC")
     flag("udp-timeout", parse_duration, 90.0, "UDP flow idle timeout (default 90s)", metavar="D")
-    flag("udp-max-flows", _parse_count, 16384, "cap on UDP flows; the idlest is evicted when full",
-         metavar="N")
-    flag("dial-timeout", parse_duration, 30.0, "backend connect timeout (default 30s)", metavar="D")
+    flag("udp-max-flows", _parse_count, 16384, "cap on UDP flows per mapping; the idlest is evicted "
+         "when full (0: no per-mapping cap; the process-wide budget still applies)", metavar="N")
+    flag("dial-timeout", parse_duration, 30.0, "backend connect timeout (default 30s; 0: none)",
+         metavar="D")
     flag("dial-retry", parse_duration, 0.0, "retry a refused backend for up to D", metavar="D")
     flag("max-conns", _parse_count, 0, "cap on concurrent TCP connections (SCTP associations) per listener (0: none)",
          metavar="N")
@@ -150,7 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
     flag("log-level", _parse_choice("debug", "info", "warning", "error"), "info",
          "debug, info, warning or error")
     flag("log-format", _parse_choice("text", "json"), "text", "text or json")
-    flag("log-file", None, None, "log to PATH (reopened on SIGHUP), or 'syslog'", metavar="PATH")
+    flag("log-file", None, None, "log to PATH, a file or device (reopened on SIGHUP), or 'syslog'",
+         metavar="PATH")
     flag("user", None, None, "once every port is bound, run as this user (name or uid)",
          metavar="NAME")
     boolean("engine", "run the shared engine that serves the mappings of spawned pyproxies")

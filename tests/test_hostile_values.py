@@ -209,3 +209,13 @@ async def test_dial_durations_have_sub_millisecond_resolution() -> None:
         assert total is not None and total > 0
         milliseconds = total * 1000
         assert abs(milliseconds - round(milliseconds)) > 1e-6, total
+
+
+def test_zero_meaning_none_is_documented_in_the_help(capsys: pytest.CaptureFixture[str]) -> None:
+    config = parse_config(["-p", "80:80", "-udp-max-flows", "0", "-dial-timeout", "0"])
+    assert config is not None and (config.udp_max_flows, config.dial_timeout) == (0, 0.0)
+    with pytest.raises(SystemExit):
+        parse_config(["-h"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "0: no per-mapping cap; the process-wide budget still applies" in text
+    assert "(default 30s; 0: none)" in text
