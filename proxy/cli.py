@@ -31,6 +31,7 @@ from proxy.launch import DEFAULT_ENGINE_SOCKET, ENGINE_SOCKET_ENV, engine_socket
 from proxy.statuspipe import StatusPipe
 
 USAGE_EXIT = 2
+DOCKER_CONTAINER_IP = "0.0.0.0"  # docker-proxy's -container-ip default
 
 
 class UsageError(Exception):
@@ -99,6 +100,19 @@ class _GoParser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
+class _DefaultsFormatter(argparse.HelpFormatter):
+    """-h shows every flag's default. Defaults are written as a user writes them ("90s", not
+    90.0; argparse parses a string default with the flag's type), booleans as Go's "false";
+    a flag whose default is nothing says in its help text what happens without it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or action.default in (None, argparse.SUPPRESS):
+            return text
+        shown = str(action.default).lower() if isinstance(action.default, bool) else "%(default)s"
+        return f"{text} (default: {shown})"
+
+
 @functools.cache  # the engine parses every registration's argv with it: build it once
 def build_parser() -> argparse.ArgumentParser:
     parser = _GoParser(
@@ -107,6 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
         "to a container address. Runs as docker-proxy under dockerd, or on its own.",
         add_help=False,
         allow_abbrev=False,
+        formatter_class=_DefaultsFormatter,
     )
 
     def flag(name: str, parse: Callable[[str], Any] | None, default: Any, help: str, **kw: Any) -> None:
@@ -121,46 +136,49 @@ def build_parser() -> argparse.ArgumentParser:
 
     # docker-proxy's own flags (the runtime contract)
     flag("proto", _parse_choice(*PROTOCOLS), "tcp", "tcp, udp or sctp")
-    flag("host-ip", parse_ip, parse_ip("0.0.0.0"), "frontend address (picks IPv4 or IPv6)")
+    flag("host-ip", parse_ip, "0.0.0.0", "frontend address (picks IPv4 or IPv6)")
     flag("host-port", None, "-1", "frontend port, a range A-B, or 0 for a kernel-chosen port")
-    flag("container-ip", parse_ip, parse_ip("0.0.0.0"), "backend address")
+    # No default here so that -p can tell it was not given; -host-port keeps docker-proxy's.
+    flag("container-ip", parse_ip, None,
+         f"backend address (default: {DOCKER_CONTAINER_IP} with -host-port; -p needs it)")
     flag("container-port", None, "-1", "backend port, or a range C-D")
     boolean("use-listen-fd", "adopt the listening socket passed on fd 4")
     parser.add_argument("-v", "-version", "--version", action="store_true", dest="version",
-                        help="print the version and exit")
+                        default=None, help="print the version and exit")
     parser.add_argument("-h", "-help", "--help", action="help", help="show this help and exit")
     # pyproxy's own
     flag("p", None, None, "publish [IP:|IFACE:]HOSTPORT[-END]:CONTAINERPORT[-END][/tcp|/udp|/sctp] "
-         "(repeatable; backend address from -container-ip)", action="append", metavar="SPEC")
-    flag("udp-timeout", parse_duration, 90.0, "UDP flow idle timeout (default 90s)", metavar="D")
-    flag("udp-max-flows", _parse_count, 16384, "cap on UDP flows per mapping; the idlest is evicted "
-         "when full (0: no per-mapping cap; the process-wide budget still applies)", metavar="N")
-    flag("dial-timeout", parse_duration, 30.0, "backend connect timeout (default 30s; 0: none)",
-         metavar="D")
-    flag("dial-retry", parse_duration, 0.0, "retry a refused backend for up to D", metavar="D")
-    flag("max-conns", _parse_count, 0, "cap on concurrent TCP connections (SCTP associations) per listener (0: none)",
+         "(repeatable; backend address from -container-ip; default: none)", action="append",
+         metavar="SPEC")
+    flag("udp-timeout", parse_duration, "90s", "UDP flow idle timeout", metavar="D")
+    flag("udp-max-flows", _parse_count, "16384", "cap on UDP flows per mapping; the idlest is "
+         "evicted when full (0: no per-mapping cap; the process-wide budget still applies)",
          metavar="N")
-    flag("allow", parse_cidr, None, "only clients in this CIDR may connect (repeatable)",
-         action="append", metavar="CIDR")
-    flag("proxy-protocol", _parse_proxy_protocol, 0, "send a PROXY protocol header (v1 or v2)",
-         metavar="v1|v2")
+    flag("dial-timeout", parse_duration, "30s", "backend connect timeout (0: none)", metavar="D")
+    flag("dial-retry", parse_duration, "0", "retry a refused backend for up to D", metavar="D")
+    flag("max-conns", _parse_count, "0",
+         "cap on concurrent TCP connections (SCTP associations) per listener; 0: none", metavar="N")
+    flag("allow", parse_cidr, None, "only clients in this CIDR may connect (repeatable; "
+         "default: every client)", action="append", metavar="CIDR")
+    flag("proxy-protocol", _parse_proxy_protocol, 0,
+         "send a PROXY protocol header, v1 or v2 (default: off)", metavar="v1|v2")
     boolean("transparent", "connect to the container from the client's own address "
             "(IP_TRANSPARENT; needs CAP_NET_ADMIN and policy routing)")
-    flag("metrics-addr", _parse_metrics_addr, None, "serve Prometheus metrics on HOST:PORT",
-         metavar="HOST:PORT")
+    flag("metrics-addr", _parse_metrics_addr, None,
+         "serve Prometheus metrics on HOST:PORT (default: off)", metavar="HOST:PORT")
     flag("log-level", _parse_choice("debug", "info", "warning", "error"), "info",
          "debug, info, warning or error")
     flag("log-format", _parse_choice("text", "json"), "text", "text or json")
-    flag("log-file", None, None, "log to PATH, a file or device (reopened on SIGHUP), or 'syslog'",
-         metavar="PATH")
-    flag("user", None, None, "once every port is bound, run as this user (name or uid)",
-         metavar="NAME")
+    flag("log-file", None, None, "log to PATH, a file or device (reopened on SIGHUP), or "
+         "'syslog' (default: stderr)", metavar="PATH")
+    flag("user", None, None, "once every port is bound, run as this user, name or uid "
+         "(default: stay as started)", metavar="NAME")
     boolean("engine", "run the shared engine that serves the mappings of spawned pyproxies")
     flag("engine-socket", None, engine_socket_path(),
-         f"the engine's Unix socket (default ${ENGINE_SOCKET_ENV} or {DEFAULT_ENGINE_SOCKET})",
+         f"the engine's Unix socket (default: ${ENGINE_SOCKET_ENV} or {DEFAULT_ENGINE_SOCKET})",
          metavar="PATH")
-    flag("drain-timeout", parse_duration, 0.0,
-         "on SIGTERM, let open connections finish for up to D (default 0: exit at once)",
+    flag("drain-timeout", parse_duration, "0",
+         "on SIGTERM, let open connections finish for up to D (default: 0, exit at once)",
          metavar="D")
     return parser
 
@@ -172,8 +190,26 @@ def _port_range(text: str, flag_name: str) -> PortRange:
         raise UsageError(f"argument -{flag_name}: invalid value {text!r}: {exc}") from None
 
 
+def _check_not_published(mapping: Mapping, seen: set[tuple[object, ...]], spec: str) -> None:
+    """Two mappings on one fixed frontend would fail at bind with "address already in use",
+    which blames some other process; name the real mistake instead. (A host range takes its
+    first free port, so repeating one publishes twice, as docker does.)"""
+    if len(mapping.host_ports) != 1 or mapping.host_port == 0:
+        return
+    key = (mapping.proto, mapping.host_ip, mapping.interface, mapping.host_port)
+    if key in seen:
+        raise UsageError(f"argument -p: duplicate mapping {spec!r}: {mapping.frontend()}/"
+                         f"{mapping.proto} is already published")
+    seen.add(key)
+
+
 def config_from_args(args: argparse.Namespace) -> Config:
     mappings: list[Mapping] = []
+    if args.p and args.container_ip is None:
+        # Without it every -p would relay to 0.0.0.0, which Linux dials as this host: never
+        # the container the user meant.
+        raise UsageError("argument -p: needs -container-ip, the backend's address")
+    container_ip = parse_ip(DOCKER_CONTAINER_IP) if args.container_ip is None else args.container_ip
     if args.host_port != "-1":
         if args.container_port == "-1":
             raise UsageError("argument -container-port: required with -host-port")
@@ -182,15 +218,21 @@ def config_from_args(args: argparse.Namespace) -> Config:
         if container_ports.start == 0:
             raise UsageError("argument -container-port: port 0 cannot be dialled")
         try:
-            mappings += expand_ranges(args.proto, args.host_ip, host_ports, args.container_ip,
+            mappings += expand_ranges(args.proto, args.host_ip, host_ports, container_ip,
                                       container_ports)
         except ValueError as exc:
             raise UsageError(f"argument -host-port/-container-port: {exc}") from None
+    seen: set[tuple[object, ...]] = set()
+    for mapping in mappings:
+        _check_not_published(mapping, seen, f"-host-port {args.host_port}")
     for spec in args.p or ():
         try:
-            mappings += parse_publish(spec, args.container_ip)
+            published = parse_publish(spec, container_ip)
         except ValueError as exc:
             raise UsageError(f"argument -p: invalid value {spec!r}: {exc}") from None
+        for mapping in published:
+            _check_not_published(mapping, seen, spec)
+        mappings += published
     if args.engine and mappings:
         raise UsageError("argument -engine: the engine serves what spawned pyproxies hand it; "
                          "give it no -host-port or -p")

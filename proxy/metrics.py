@@ -6,9 +6,10 @@ client: a label per client would grow without bound. Imported only with -metrics
 
 from __future__ import annotations
 
+import platform
 from collections.abc import Iterator, Mapping as MappingType
 
-from prometheus_client import CollectorRegistry, ProcessCollector, start_http_server
+from prometheus_client import CollectorRegistry, Info, ProcessCollector, start_http_server
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -17,6 +18,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
+from proxy import __version__
 from proxy.config import Mapping
 from proxy.stats import DIAL_BUCKETS, MappingStats
 
@@ -93,10 +95,13 @@ class StatsCollector(Collector):
 
 
 def make_registry(stats: MappingType[Mapping, MappingStats]) -> CollectorRegistry:
-    """A fresh registry with our collector and the process metrics (CPU, memory, fds)."""
+    """A fresh registry with our collector, the process metrics (CPU, memory, fds), and
+    pyproxy_build_info (so a dashboard can tell which version serves)."""
     registry = CollectorRegistry()
     registry.register(StatsCollector(stats))
     ProcessCollector(registry=registry)
+    Info("pyproxy_build", "the pyproxy version serving, and its Python", registry=registry).info(
+        {"version": __version__, "python": platform.python_version()})
     return registry
 
 

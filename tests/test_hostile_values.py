@@ -44,12 +44,12 @@ def test_only_ascii_digits_are_numbers(text: str) -> None:
 @pytest.mark.parametrize("text", NOT_ASCII_DIGITS)
 def test_counts_take_ascii_digits_only(flag: str, text: str) -> None:
     with pytest.raises(UsageError, match=f"argument {flag}"):
-        parse_config(["-p", "80:80", flag, text])
+        parse_config(["-container-ip", "127.0.0.1", "-p", "80:80", flag, text])
 
 
 @pytest.mark.parametrize("argv", [
-    ["-p", "８０:80"], ["-p", "80:٨٠"], ["-host-port", "５", "-container-port", "80"],
-    ["-p", "80:80", "-metrics-addr", "127.0.0.1:９１００"],
+    ["-container-ip", "127.0.0.1", "-p", "８０:80"], ["-container-ip", "127.0.0.1", "-p", "80:٨٠"], ["-host-port", "５", "-container-port", "80"],
+    ["-container-ip", "127.0.0.1", "-p", "80:80", "-metrics-addr", "127.0.0.1:９１００"],
 ])
 def test_ports_take_ascii_digits_only(argv: list[str]) -> None:
     with pytest.raises(UsageError):
@@ -75,17 +75,17 @@ def test_negative_duration_is_its_flags_error_not_a_missing_value() -> None:
     for flag in ("-dial-timeout", "--dial-timeout", "-udp-timeout", "-drain-timeout"):
         with pytest.raises(UsageError,
                            match=f"{flag.lstrip('-')}: invalid value '-1s': a duration must not be negative"):
-            parse_config(["-p", "80:80", flag, "-1s"])
+            parse_config(["-container-ip", "127.0.0.1", "-p", "80:80", flag, "-1s"])
 
 
 def test_every_go_spelling_of_a_value_still_works() -> None:
     spellings = [["-dial-timeout", "5s"], ["-dial-timeout=5s"], ["--dial-timeout", "5s"],
                  ["--dial-timeout=5s"]]
     for spelling in spellings:
-        config = parse_config(["-p", "80:80", *spelling])
+        config = parse_config(["-container-ip", "127.0.0.1", "-p", "80:80", *spelling])
         assert config is not None and config.dial_timeout == 5.0
     # a boolean takes no separate value in Go: what follows it is the next flag
-    config = parse_config(["-use-listen-fd", "-p", "80:80"])
+    config = parse_config(["-use-listen-fd", "-container-ip", "127.0.0.1", "-p", "80:80"])
     assert config is not None and config.use_listen_fd
     # a value that looks like a flag is still the value, e.g. an -allow that is misspelt
     with pytest.raises(UsageError, match="argument -allow.*'-p'"):
@@ -212,10 +212,10 @@ async def test_dial_durations_have_sub_millisecond_resolution() -> None:
 
 
 def test_zero_meaning_none_is_documented_in_the_help(capsys: pytest.CaptureFixture[str]) -> None:
-    config = parse_config(["-p", "80:80", "-udp-max-flows", "0", "-dial-timeout", "0"])
+    config = parse_config(["-container-ip", "127.0.0.1", "-p", "80:80", "-udp-max-flows", "0", "-dial-timeout", "0"])
     assert config is not None and (config.udp_max_flows, config.dial_timeout) == (0, 0.0)
     with pytest.raises(SystemExit):
         parse_config(["-h"])
     text = " ".join(capsys.readouterr().out.split())
     assert "0: no per-mapping cap; the process-wide budget still applies" in text
-    assert "(default 30s; 0: none)" in text
+    assert "backend connect timeout (0: none) (default: 30s)" in text

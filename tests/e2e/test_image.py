@@ -1,17 +1,21 @@
-"""The Dockerfile: built by a local dockerd with no registry and no network, then run with
---network host in front of a backend on the host."""
+"""The Dockerfile: built from the checkout by a local dockerd with no registry and no network
+(its wheelhouse made on the host), then run with --network host in front of a backend."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
+import time
+import tomllib
 from collections.abc import Iterator
 
 import pytest
 
+from proxy import __version__
 from tests.conftest import REPO, free_port
 from tests.dockerlab import DockerLab, docker_available
 from tests.test_contract import EchoBackend, exchange
@@ -34,18 +38,37 @@ def lab() -> Iterator[DockerLab]:
         lab.close()
 
 
+def build_context(dest: str) -> str:
+    """The checkout as `docker build .` sees it, plus wheels/: what pip would fetch from PyPI
+    (pyproxy's dependencies and its build backend), fetched here on the host."""
+    context = os.path.join(dest, "context")
+    shutil.copytree(REPO, context, symlinks=True,
+                    ignore=shutil.ignore_patterns(".git", ".venv", "__pycache__", "wheels", "build"))
+    with open(os.path.join(REPO, "pyproject.toml"), "rb") as f:
+        meta = tomllib.load(f)
+    needs = [*meta["build-system"]["requires"], *meta["project"]["dependencies"]]
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "-w", os.path.join(context, "wheels"),
+                    *needs], check=True, timeout=600)
+    return context
+
+
 def test_image_builds_offline_and_relays_with_host_network(lab: DockerLab) -> None:
     lab.import_debian_python()
-    context = tempfile.mkdtemp(dir=lab.tmp)
-    shutil.copy(os.path.join(REPO, "Dockerfile"), context)
-    # the wheels are made on the host (with the registry); the build itself has no network
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "-w", os.path.join(context, "wheels"),
-                    REPO], check=True, timeout=600)
+    context = build_context(tempfile.mkdtemp(dir=lab.tmp))
     lab.docker("build", "--network", "none", "--build-arg", "BASE=pp-python:bookworm",
-               "-t", "pyproxy:test", context, timeout=900)
+               "--build-arg", "PIP_NO_INDEX=1", "-t", "pyproxy:test", context, timeout=900)
     assert lab.docker("run", "--rm", "pyproxy:test", "-v").stdout.startswith(b"pyproxy version ")
     user = lab.docker("inspect", "-f", "{{.Config.User}}", "pyproxy:test").stdout.decode().strip()
     assert user == "65534:65534"
+    labels = json.loads(lab.docker("inspect", "-f", "{{json .Config.Labels}}", "pyproxy:test").stdout)
+    assert labels["org.opencontainers.image.version"] == __version__
+    assert labels["org.opencontainers.image.licenses"] == "Apache-2.0"
+    # the runtime stage holds the interpreter and the venv: nothing that installs or builds
+    for python in ("/opt/pyproxy/bin/python", "python3"):
+        found = lab.docker("run", "--rm", "--entrypoint", python, "pyproxy:test", "-c",
+                           "import importlib.util as u; print([m for m in ('pip', 'setuptools') "
+                           "if u.find_spec(m)])").stdout
+        assert found.strip() == b"[]", (python, found)
 
     backend = EchoBackend()
     port = free_port()
@@ -59,8 +82,6 @@ def test_image_builds_offline_and_relays_with_host_network(lab: DockerLab) -> No
                 assert exchange("127.0.0.1", port, b"through the image") == b"through the image"
                 break
             except ConnectionRefusedError:
-                import time
-
                 time.sleep(0.2)
         else:
             logs = lab.docker("logs", "pyproxy", check=False)
