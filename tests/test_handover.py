@@ -8,6 +8,7 @@ fd 4 free, as dockerd < 28 spawns it) unless a test says otherwise.
 from __future__ import annotations
 
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -16,7 +17,7 @@ import time
 import pytest
 
 from tests import test_engine
-from tests.conftest import Proxy, free_port, output, spawn
+from tests.conftest import Proxy, free_port, output, read_status, spawn
 from tests.test_contract import EchoBackend, docker_args, exchange
 from tests.test_engine import refused, spawn_via
 
@@ -208,3 +209,73 @@ def test_an_engine_socket_in_a_directory_others_can_write_is_refused(tmp_path, m
     assert p.status.startswith(f"1\nengine socket {directory}/engine.sock: refused: directory "
                                f"{directory} can be written by other users".encode())
     assert p.proc.wait(timeout=5) == 1
+
+
+# -- a stop signal at any moment of start-up -------------------------------------------------------
+
+def _catches_sigterm(pid: int) -> bool:
+    """pyproxy's first line has run: its own SIGTERM handler is installed."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            caught = next(line for line in f if line.startswith("SigCgt:"))
+    except (OSError, StopIteration):
+        return False
+    return bool(int(caught.split()[1], 16) & (1 << (signal.SIGTERM - 1)))
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
+def test_a_signal_at_any_moment_of_standalone_start_up(signum, proxy_loop_env):
+    """From pyproxy's first line on, SIGINT/SIGTERM end start-up with exit 0 and no traceback,
+    with nothing on fd 3 (or "0\\n" if it was already ready); SIGHUP does not end it."""
+    backend = EchoBackend()
+    rng = random.Random()
+    try:
+        for _ in range(7):
+            read_end, write_end = os.pipe()
+            port = free_port()
+            proc = spawn(docker_args(port, backend.port), {3: write_end}, env=proxy_loop_env)
+            os.close(write_end)
+            try:
+                deadline = time.monotonic() + 10
+                while not _catches_sigterm(proc.pid):
+                    assert proc.poll() is None and time.monotonic() < deadline
+                    time.sleep(0.001)
+                time.sleep(rng.uniform(0, 0.08))
+                proc.send_signal(signum)
+                if signum == signal.SIGHUP:
+                    assert read_status(read_end) == b"0\n"  # it goes on starting, and serves
+                    assert exchange("127.0.0.1", port) == b"ping"
+                    proc.send_signal(signal.SIGTERM)
+                    status = b"0\n"
+                else:
+                    status = read_status(read_end)
+                assert proc.wait(timeout=5) == 0
+                assert status in (b"", b"0\n")
+                err = output(proc)[1]
+                assert b"Traceback" not in err and b"KeyboardInterrupt" not in err
+            finally:
+                os.close(read_end)
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+    finally:
+        backend.close()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
+def test_a_signal_right_after_ready(signum, proxy_loop_env):
+    """The handlers are in place before "0\\n": a stop right after it exits 0, SIGHUP (a log
+    reopen) does not end the process."""
+    backend = EchoBackend()
+    try:
+        for _ in range(10):
+            p = Proxy(docker_args(free_port(), backend.port), env=proxy_loop_env)
+            p.proc.send_signal(signum)
+            if signum == signal.SIGHUP:
+                time.sleep(0.1)
+                assert p.proc.poll() is None
+                p.proc.send_signal(signal.SIGTERM)
+            assert p.proc.wait(timeout=5) == 0
+            assert b"Traceback" not in output(p.proc)[1]
+    finally:
+        backend.close()
