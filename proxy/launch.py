@@ -45,7 +45,7 @@ WAITER_LOOP = "while read -r line; do :; done; exit 1"
 # Flags answered locally, without an engine.
 _LOCAL_FLAGS = {"-h", "-help", "--help", "-v", "-version", "--version", "-engine", "--engine"}
 _LISTEN_FD_FLAGS = {"-use-listen-fd", "--use-listen-fd"}
-LISTEN_FD = 4
+LISTEN_FD = 4  # as proxy.listeners.LISTEN_FD, which is not imported here: it pulls in socket
 _S_IFMT, _S_IFSOCK = 0o170000, 0o140000
 _UCRED_SIZE = 12  # struct ucred: pid, uid, gid
 

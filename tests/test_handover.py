@@ -17,7 +17,7 @@ import time
 import pytest
 
 from tests import test_engine
-from tests.conftest import Proxy, free_port, output, read_status, spawn
+from tests.conftest import REPO, Proxy, free_port, output, read_status, spawn
 from tests.test_contract import EchoBackend, docker_args, exchange
 from tests.test_engine import refused, spawn_via
 
@@ -279,3 +279,15 @@ def test_a_signal_right_after_ready(signum, proxy_loop_env):
             assert b"Traceback" not in output(p.proc)[1]
     finally:
         backend.close()
+
+
+def test_the_installed_command_is_the_lean_launcher():
+    """bin/pyproxy (pip rewrites its #!python) goes straight to proxy.launch.main, whose first
+    line catches the stop signals: no `import re` window as in pip's console-script wrapper."""
+    launcher = os.path.join(REPO, "bin", "pyproxy")
+    with open(launcher) as f:
+        assert f.readline() == "#!python\n"
+    assert os.access(launcher, os.X_OK)
+    done = subprocess.run([sys.executable, launcher, "-v"], cwd=REPO, capture_output=True,
+                          timeout=30, check=False)
+    assert done.returncode == 0 and done.stdout.startswith(b"pyproxy version ")
