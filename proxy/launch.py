@@ -121,7 +121,10 @@ def check_engine(sock: _socket.socket, path: str) -> None:
     process (SO_PEERCRED, what it was when it bound) must be root or us."""
     ours = (0, os.geteuid())
     directory = os.path.dirname(os.path.abspath(path))
-    info = os.stat(directory)
+    try:
+        info = os.stat(directory)
+    except OSError as exc:  # gone since we connected
+        raise EngineRefused(f"engine socket {path}: refused: {directory}: {exc.strerror}") from None
     if info.st_uid not in ours or info.st_mode & 0o022:
         raise EngineRefused(
             f"engine socket {path}: refused: directory {directory} can be written by other "
@@ -147,7 +150,7 @@ def inherited_socket(fd: int) -> int | None:
 
 def wait_shell() -> str | None:
     """The waiter's shell: an executable POSIX shell on this host, None if there is none."""
-    named = os.environ.get(WAIT_SHELL_ENV)
+    named = os.environ.get(WAIT_SHELL_ENV) or None
     for path in (named,) if named is not None else WAIT_SHELLS:
         if os.path.isfile(path) and os.access(path, os.X_OK):
             return path
@@ -198,6 +201,7 @@ def hand_over(engine: _socket.socket, argv: Sequence[str], status: StatusPipe,
         where = os.environ.get(WAIT_SHELL_ENV) or ", ".join(WAIT_SHELLS)
         status.fail(f"pyproxy engine: no POSIX shell to wait in (tried {where})")
         return 1
+    # Any spelling of the flag (even =false: the engine then closes its copy unused).
     wanted = _LISTEN_FD_FLAGS.intersection(arg.partition("=")[0] for arg in argv)
     fds = [listen_fd] if (listen_fd is not None and wanted) else []
     ancillary = [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS,
@@ -217,9 +221,9 @@ def hand_over(engine: _socket.socket, argv: Sequence[str], status: StatusPipe,
         os.set_inheritable(listen_fd, False)  # the engine has it now; the waiter needs none
     os.dup2(engine.fileno(), 0)
     os.dup2(engine.fileno(), 1)
-    argv0 = waiter_argv(shell, body, status.inherit_on_exec())
+    waiter = waiter_argv(shell, body, status.inherit_on_exec())
     try:
-        os.execv(shell, argv0)
+        os.execv(shell, waiter)
     except OSError as exc:  # the engine sees the connection close when we exit
         status.fail(f"pyproxy engine: cannot run the waiter {shell}: {exc.strerror}")
     return 1
