@@ -305,8 +305,10 @@ def parse_config(argv: Sequence[str]) -> Config | None:
     return config_from_args(args)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    status = StatusPipe.from_environment()
+def main(argv: Sequence[str] | None = None, status: StatusPipe | None = None) -> int:
+    """`status`: fd 3 as proxy.launch found it before opening anything (read here if None)."""
+    if status is None:
+        status = StatusPipe.from_environment()
     try:
         config = parse_config(sys.argv[1:] if argv is None else argv)
     except UsageError as exc:

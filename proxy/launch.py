@@ -1,12 +1,17 @@
 """The `pyproxy` command's entry: hand the mapping to a running engine, or serve it here.
 
 dockerd spawns one pyproxy per published port. When a pyproxy engine is running
-(`pyproxy -engine`), this process sends it the command line (and the fd 4 socket), reports
-the engine's answer on fd 3 exactly as docker-proxy would, then replaces itself with a tiny
-dash waiter holding the engine connection: ~120 KiB instead of a Python interpreter. On
-SIGINT/SIGTERM the waiter asks the engine to release the port and exits 0 once it has, so
-the port is free when the process is gone, as with docker-proxy; if the engine dies, the
-connection ends and the waiter exits too.
+(`pyproxy -engine`), this process checks that the engine is ours (root or our uid, in a
+directory only they can write), sends it the command line (and the fd 4 socket dockerd
+passed, with -use-listen-fd), then replaces itself with a tiny shell waiter holding the
+engine connection: ~120 KiB instead of a Python interpreter. The waiter sets its signal trap
+and only then writes "0\\n" on fd 3, so what dockerd reads is true of the process it will
+signal. On SIGINT/SIGTERM the waiter asks the engine to release the port and exits 0 once it
+has; if the waiter dies any other way, or the engine does, the connection ends and the port
+is released.
+
+What fd 3 and fd 4 are is read at the very first line, before this process opens anything:
+the engine connection must never be taken for the status pipe or for dockerd's socket.
 
 Time to "0\\n" is what dockerd waits for, so this path imports only C modules (`_socket`,
 `_signal`, and os/sys, which the interpreter has loaded anyway): `socket`, `signal` and
@@ -21,18 +26,28 @@ import os
 import sys
 from collections.abc import Sequence
 
+from proxy.statuspipe import StatusPipe  # os and stat only
+
 ENGINE_SOCKET_ENV = "PYPROXY_ENGINE_SOCKET"
 DEFAULT_ENGINE_SOCKET = "/run/pyproxy/engine.sock"
-WAITER = "/bin/dash"  # Debian's essential POSIX shell: small, and always there
-# The waiter's whole program. fd 0 is the engine connection. A stop signal sends "stop" and
-# waits for the engine's "ok" (the port is released by then); EOF means the engine is gone.
-WAITER_SCRIPT = (
-    "trap 'echo stop; read -r ack; exit 0' INT TERM; "
-    "while read -r line; do :; done; exit 1"
-)
+# The waiter's shell, found at run time: the smallest POSIX shell there is (dash on Debian
+# and Ubuntu, busybox on Alpine, bash as /bin/sh on Fedora, RHEL and Arch).
+# PYPROXY_WAIT_SHELL names one explicitly (and only that one is tried).
+WAIT_SHELL_ENV = "PYPROXY_WAIT_SHELL"
+WAIT_SHELLS = ("/bin/dash", "/usr/bin/dash", "/bin/busybox", "/usr/bin/busybox", "/bin/sh")
+# The waiter's whole program. fd 0 and 1 are the engine connection. The trap comes first,
+# then "0\n" on fd 3 (one write: the printf builtin of dash, busybox and bash flushes once);
+# a stop signal sends "stop" and waits for the engine's "ok" (the port is released by then);
+# EOF means the engine is gone.
+WAITER_TRAP = "trap 'echo stop; read -r ack; exit 0' INT TERM; "
+WAITER_READY = "printf '0\\n' >&3; exec 3>&-; "
+WAITER_LOOP = "while read -r line; do :; done; exit 1"
 # Flags answered locally, without an engine.
 _LOCAL_FLAGS = {"-h", "-help", "--help", "-v", "-version", "--version", "-engine", "--engine"}
+_LISTEN_FD_FLAGS = {"-use-listen-fd", "--use-listen-fd"}
+LISTEN_FD = 4  # as proxy.listeners.LISTEN_FD, which is not imported here: it pulls in socket
 _S_IFMT, _S_IFSOCK = 0o170000, 0o140000
+_UCRED_SIZE = 12  # struct ucred: pid, uid, gid
 
 # -- the engine protocol's framing: "<length>\n<payload>", shared with proxy.engine --------------
 # request payload: the argv, NUL-separated (no argument can hold a NUL);
@@ -72,12 +87,18 @@ def decode_reply(payload: bytes) -> tuple[int, str]:
 
 # -- the spawned side ------------------------------------------------------------------------------
 
+class EngineRefused(Exception):
+    """The socket at the engine path is not an engine we may trust; the text says why."""
+
+
 def engine_socket_path() -> str:
     """Where the engine listens; an empty PYPROXY_ENGINE_SOCKET means never use one."""
     return os.environ.get(ENGINE_SOCKET_ENV, DEFAULT_ENGINE_SOCKET)
 
 
 def connect_engine(path: str) -> _socket.socket | None:
+    """A connection to the engine at `path`, None if none answers there (serve here then).
+    Raises EngineRefused if what answers is not trusted: nothing has been sent to it."""
     if not path:
         return None
     sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
@@ -86,15 +107,62 @@ def connect_engine(path: str) -> _socket.socket | None:
     except OSError:  # no engine (or a stale socket file): serve the mapping here
         sock.close()
         return None
+    try:
+        check_engine(sock, path)
+    except EngineRefused:
+        sock.close()
+        raise
     return sock
 
 
-def _listen_fd() -> list[int]:
-    """fd 4, if it is an open socket: the engine adopts it only when -use-listen-fd says so."""
+def check_engine(sock: _socket.socket, path: str) -> None:
+    """Whoever could bind `path` gets our argv, our fd 4 and the clients' traffic: only root
+    or our own uid may, so the directory must be writable by no one else and the listening
+    process (SO_PEERCRED, what it was when it bound) must be root or us."""
+    ours = (0, os.geteuid())
+    directory = os.path.dirname(os.path.abspath(path))
     try:
-        return [4] if os.fstat(4).st_mode & _S_IFMT == _S_IFSOCK else []
+        info = os.stat(directory)
+    except OSError as exc:  # gone since we connected
+        raise EngineRefused(f"engine socket {path}: refused: {directory}: {exc.strerror}") from None
+    if info.st_uid not in ours or info.st_mode & 0o022:
+        raise EngineRefused(
+            f"engine socket {path}: refused: directory {directory} can be written by other "
+            f"users (mode {info.st_mode & 0o7777:04o}, owner uid {info.st_uid}), so anyone "
+            "could have bound the engine socket; put it in a directory only root (or this "
+            "user) can write, such as /run/pyproxy")
+    cred = sock.getsockopt(_socket.SOL_SOCKET, _socket.SO_PEERCRED, _UCRED_SIZE)
+    uid = int.from_bytes(cred[4:8], sys.byteorder)
+    if uid not in ours:
+        raise EngineRefused(
+            f"engine socket {path}: refused: it is served by uid {uid}, not by root or this "
+            f"user (uid {os.geteuid()}); nothing was sent to it")
+
+
+def inherited_socket(fd: int) -> int | None:
+    """`fd` if it is a socket now, else None. Called before this process opens anything, so a
+    socket there is one our parent (dockerd) put there."""
+    try:
+        return fd if os.fstat(fd).st_mode & _S_IFMT == _S_IFSOCK else None
     except OSError:
-        return []
+        return None
+
+
+def wait_shell() -> str | None:
+    """The waiter's shell: an executable POSIX shell on this host, None if there is none."""
+    named = os.environ.get(WAIT_SHELL_ENV) or None
+    for path in (named,) if named is not None else WAIT_SHELLS:
+        if os.path.isfile(path) and os.access(path, os.X_OK):
+            return path
+    return None
+
+
+def waiter_argv(shell: str, lines: str, answers_fd3: bool) -> list[str]:
+    """argv[0] shows the mapping in `ps`; busybox picks its applet by argv[0], so it gets "sh"."""
+    name = "pyproxy-wait " + ", ".join(lines.splitlines()) if lines else "pyproxy-wait"
+    if os.path.basename(os.path.realpath(shell)) == "busybox":
+        name = "sh"
+    return [name, "-c", WAITER_TRAP + (WAITER_READY if answers_fd3 else "") + WAITER_LOOP]
 
 
 def _read_reply(sock: _socket.socket) -> tuple[int, str]:
@@ -108,17 +176,34 @@ def _read_reply(sock: _socket.socket) -> tuple[int, str]:
 
 
 def _stop_now(signum: int, frame: object) -> None:
-    os._exit(0)  # before we are the waiter: just go; the engine sees the connection close
+    # Until the server's own handlers or the waiter's trap take over: nothing is on fd 3 yet,
+    # so just go; an engine sees the connection close and releases what it opened.
+    os._exit(0)
 
 
-def hand_over(engine: _socket.socket, argv: Sequence[str]) -> int:
-    """Register the mapping with the engine; on success, become the waiter (never returns)."""
-    from proxy.statuspipe import StatusPipe  # os and stat only
+def _not_now(signum: int, frame: object) -> None:
+    pass  # SIGHUP reopens the log file once serving; during start-up there is none to reopen
 
-    status = StatusPipe.from_environment()
+
+def catch_stop_signals() -> None:
+    """Stop signals end start-up with exit 0 (no traceback, no death by signal)."""
     _signal.signal(_signal.SIGINT, _stop_now)
     _signal.signal(_signal.SIGTERM, _stop_now)
-    fds = _listen_fd()
+    _signal.signal(_signal.SIGHUP, _not_now)
+
+
+def hand_over(engine: _socket.socket, argv: Sequence[str], status: StatusPipe,
+              listen_fd: int | None) -> int:
+    """Register the mapping with the engine; on success, become the waiter (never returns).
+    `listen_fd` is dockerd's socket on fd 4, sent only when -use-listen-fd asks for it."""
+    shell = wait_shell()
+    if shell is None:
+        where = os.environ.get(WAIT_SHELL_ENV) or ", ".join(WAIT_SHELLS)
+        status.fail(f"pyproxy engine: no POSIX shell to wait in (tried {where})")
+        return 1
+    # Any spelling of the flag (even =false: the engine then closes its copy unused).
+    wanted = _LISTEN_FD_FLAGS.intersection(arg.partition("=")[0] for arg in argv)
+    fds = [listen_fd] if (listen_fd is not None and wanted) else []
     ancillary = [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS,
                   b"".join(fd.to_bytes(4, sys.byteorder) for fd in fds))] if fds else []
     try:
@@ -132,19 +217,32 @@ def hand_over(engine: _socket.socket, argv: Sequence[str]) -> int:
     if body:
         sys.stdout.write(body + "\n")
         sys.stdout.flush()
-    status.ready()
+    if listen_fd is not None:
+        os.set_inheritable(listen_fd, False)  # the engine has it now; the waiter needs none
     os.dup2(engine.fileno(), 0)
     os.dup2(engine.fileno(), 1)
-    os.execv(WAITER, ["pyproxy-wait", "-c", WAITER_SCRIPT])
-    return 1  # not reached
+    waiter = waiter_argv(shell, body, status.inherit_on_exec())
+    try:
+        os.execv(shell, waiter)
+    except OSError as exc:  # the engine sees the connection close when we exit
+        status.fail(f"pyproxy engine: cannot run the waiter {shell}: {exc.strerror}")
+    return 1
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    catch_stop_signals()
+    # fd 3 and fd 4 as our parent left them, before anything here opens a descriptor.
+    status = StatusPipe.from_environment()
+    listen_fd = inherited_socket(LISTEN_FD)
     args = list(sys.argv[1:] if argv is None else argv)
     if not _LOCAL_FLAGS.intersection(arg.partition("=")[0] for arg in args):
-        engine = connect_engine(engine_socket_path())
+        try:
+            engine = connect_engine(engine_socket_path())
+        except EngineRefused as exc:
+            status.fail(str(exc))
+            return 1
         if engine is not None:
-            return hand_over(engine, args)
+            return hand_over(engine, args, status, listen_fd)
     from proxy.cli import main as serve_here
 
-    return serve_here(args)
+    return serve_here(args, status)

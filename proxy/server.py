@@ -116,17 +116,21 @@ class Server:
         return [relay.mapping.docker_port_line(relay.port) for relay in self.relays]
 
     async def serve(self) -> int:
+        stop = stop_requested()  # before start(): a stop during start-up is not lost
         try:
             await self.start()
         except StartupError as exc:
             log.error("cannot start: %s", exc)
             self.status.fail(str(exc))
             return 1
+        if stop.done():  # stopped while starting: exit 0, nothing on fd 3 (dockerd sees EOF)
+            self.close_listeners()
+            return 0
         for line, relay in zip(self.mapping_lines(), self.relays, strict=True):
             print(line, flush=True)  # before "ready": whoever waits on fd 3 can read them
             log.info("serving %s -> %s", line, relay.mapping.backend())
         self.status.ready()
-        signum = await wait_for_stop_signal()
+        signum = await stop
         await self.shutdown(drain=signum == signal.SIGTERM)
         return 0
 
@@ -143,9 +147,16 @@ class Server:
         await asyncio.sleep(0)  # let the transports' connection_lost callbacks run
 
 
-async def wait_for_stop_signal() -> int:
-    """Serve until SIGINT or SIGTERM (returned); SIGHUP meanwhile reopens the log file."""
+_stop: tuple[asyncio.AbstractEventLoop, asyncio.Future[int]] | None = None
+
+
+def stop_requested() -> asyncio.Future[int]:
+    """The running loop's stop: resolved with the first SIGINT or SIGTERM. The first call
+    installs the handlers (SIGHUP meanwhile reopens the log file); later calls share them."""
+    global _stop
     loop = asyncio.get_running_loop()
+    if _stop is not None and _stop[0] is loop:
+        return _stop[1]
     stop: asyncio.Future[int] = loop.create_future()
 
     def on_stop(signum: int) -> None:
@@ -155,7 +166,13 @@ async def wait_for_stop_signal() -> int:
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, on_stop, signum)
     loop.add_signal_handler(signal.SIGHUP, reopen_log_file)  # after logrotate moved it
-    return await stop
+    _stop = (loop, stop)
+    return stop
+
+
+async def wait_for_stop_signal() -> int:
+    """Serve until SIGINT or SIGTERM (returned)."""
+    return await stop_requested()
 
 
 def start_metrics(addr: tuple[str, int], stats: dict[Mapping, MappingStats]) -> Any:
@@ -190,6 +207,7 @@ def _bind_first_free(mapping: Mapping) -> tuple[Any, int]:
 
 async def _main(config: Config, status: StatusPipe) -> int:
     asyncio.get_running_loop().set_exception_handler(LoopErrorReporter())
+    stop_requested()  # first: from here a stop signal resolves it, whatever is starting
     if config.engine:
         from proxy.engine import Engine
 

@@ -34,6 +34,14 @@ class StatusPipe:
     def is_open(self) -> bool:
         return self._fd is not None
 
+    def inherit_on_exec(self) -> bool:
+        """Let a program we exec answer on fd 3 (the engine's waiter writes "0\\n" once its
+        signal trap is set). We keep our copy, to report "1\\n" if the exec fails."""
+        if self._fd is None:
+            return False
+        os.set_inheritable(self._fd, True)
+        return True
+
     def ready(self) -> None:
         self._report(b"0\n")
 
