@@ -47,6 +47,9 @@ class StatsCollector(Collector):
         rejected = counter("connections_rejected_total",
                            "connections closed at once: client not allowed, or over -max-conns",
                            ["reason"])
+        closed = counter("connections_closed_total",
+                         "open connections the proxy closed itself: idle for -idle-timeout",
+                         ["reason"])
         dial_failed = counter("backend_dial_failures_total", "backend connects that failed")
         dial = HistogramMetricFamily("pyproxy_backend_dial_duration_seconds",
                                      "time to connect to the backend", labels=LABELS)
@@ -83,6 +86,7 @@ class StatsCollector(Collector):
             active.add_metric(lv, s.active)
             rejected.add_metric(lv + ["denied"], s.rejected_denied)
             rejected.add_metric(lv + ["limit"], s.rejected_limit)
+            closed.add_metric(lv + ["idle"], s.closed_idle)
             dial_failed.add_metric(lv, s.dial_failures)
             cumulative, buckets = 0, []
             for bound, count in zip([*map(str, DIAL_BUCKETS), "+Inf"], s.dial_bucket_counts, strict=True):
@@ -96,7 +100,7 @@ class StatsCollector(Collector):
                 messages.add_metric(lv + ["container_to_client"], s.messages_from_container)
             else:
                 spliced.add_metric(lv, s.spliced)
-        yield from (accepted, active, rejected, dial_failed, dial, stream_bytes, spliced,
+        yield from (accepted, active, rejected, closed, dial_failed, dial, stream_bytes, spliced,
                     messages, flows_active, flows, datagrams, dropped, flow_budget)
 
 

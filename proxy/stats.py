@@ -21,6 +21,7 @@ class MappingStats:
     rejected_denied: int = 0  # client not in -allow
     rejected_limit: int = 0  # over -max-conns
     dial_failures: int = 0
+    closed_idle: int = 0  # closed by -idle-timeout
     bytes_from_client: int = 0
     bytes_from_container: int = 0
     spliced: int = 0  # directions that switched to zero-copy splice
