@@ -42,7 +42,7 @@ Ancillary = list[tuple[int, int, bytes]]
 # What socket() or connect() fail with when fds, memory or ephemeral ports run out: giving up
 # an idle flow frees one of each, so one retry is worth it.
 SHORTAGE = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM, errno.EAGAIN,
-                      errno.EADDRNOTAVAIL, errno.EADDRINUSE})
+                      errno.EADDRNOTAVAIL})
 
 IP_PKTINFO = getattr(socket, "IP_PKTINFO", 8)  # <linux/in.h>; in the socket module from 3.12
 
