@@ -4,9 +4,10 @@ The container sees one stable source port per client, and its replies go back to
 from the address the client sent to (IP_PKTINFO / IPV6_PKTINFO). Flows idle out after
 -udp-timeout, counted from the last datagram in either direction; when the table is full the
 idlest flow makes room. Flows of every mapping in the process also draw on one budget
-(proxy.budget): when it is spent, or the system has no socket or port left, the busiest mapping's
-idlest flow makes room, so a flood can't take the fds or ports that others need. Datagrams are read with recvmsg() in a loop until the socket is empty,
-so one wake-up of the event loop serves a whole burst.
+(proxy.budget): when it is spent, or the system has no socket or port left, the busiest
+mapping's idlest flow makes room, so a flood can't take the fds or ports that others need.
+Datagrams are read with recvmsg() in a loop until the socket is empty, so one wake-up of the
+event loop serves a whole burst.
 """
 
 from __future__ import annotations
