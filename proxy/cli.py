@@ -158,6 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
     flag("dial-retry", parse_duration, "0", "retry a refused backend for up to D", metavar="D")
     flag("max-conns", _parse_count, "0",
          "cap on concurrent TCP connections (SCTP associations) per listener; 0: none", metavar="N")
+    flag("idle-timeout", parse_duration, "0",
+         "close a TCP connection (SCTP association) with no bytes either way for D; 0: never",
+         metavar="D")
     flag("allow", parse_cidr, None, "only clients in this CIDR may connect (repeatable; "
          "default: every client)", action="append", metavar="CIDR")
     flag("proxy-protocol", _parse_proxy_protocol, 0,

@@ -272,6 +272,7 @@ class Config:
     dial_timeout: float = field(default=30.0, validator=_positive)
     dial_retry: float = field(default=0.0, validator=_positive)
     max_conns: int = field(default=0, validator=_positive)
+    idle_timeout: float = field(default=0.0, validator=_positive)  # 0: never (docker-proxy)
     allow: tuple[IPNetwork, ...] = field(default=(), converter=_networks)
     proxy_protocol: int = 0  # 0 (off), 1 or 2
     transparent: bool = False

@@ -161,19 +161,40 @@ def reopen_log_file() -> None:
             handler.reopen()
 
 
+class Throttle:
+    """At most one log line per `interval` seconds for one recurring condition, so that a
+    flood of failures (one per accept, one per new UDP client) is a line every few seconds
+    saying how many more there were."""
+
+    __slots__ = ("interval", "next_at", "held")
+
+    def __init__(self, interval: float = EXHAUSTION_LOG_INTERVAL) -> None:
+        self.interval = interval
+        self.next_at = float("-inf")
+        self.held = 0  # occurrences not logged since the last line
+
+    def ready(self, now: float) -> int | None:
+        """How many occurrences were held back, if a line may be written at `now`; else None
+        (and this occurrence is held back too)."""
+        if now < self.next_at:
+            self.held += 1
+            return None
+        held, self.held = self.held, 0
+        self.next_at = now + self.interval
+        return held
+
+
 class LoopErrorReporter:
     """An event loop exception handler: one log line per error, exhaustion rate-limited."""
 
     def __init__(self) -> None:
-        self._last_exhaustion = -EXHAUSTION_LOG_INTERVAL
+        self._exhaustion = Throttle()
 
     def __call__(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
         message = context.get("message", "event loop error")
         exc = context.get("exception")
         if "out of system resource" in message:
-            now = time.monotonic()
-            if now - self._last_exhaustion >= EXHAUSTION_LOG_INTERVAL:
-                self._last_exhaustion = now
+            if self._exhaustion.ready(time.monotonic()) is not None:
                 log.warning("accept: %s; backing off and retrying", getattr(exc, "strerror", exc))
             return
         log.error("%s: %r", message, exc)

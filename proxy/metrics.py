@@ -19,6 +19,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from proxy import __version__
+from proxy.budget import process_budget
 from proxy.config import Mapping
 from proxy.stats import DIAL_BUCKETS, MappingStats
 
@@ -48,6 +49,9 @@ class StatsCollector(Collector):
         rejected = counter("connections_rejected_total",
                            "connections closed at once: client not allowed, or over -max-conns",
                            ["reason"])
+        closed = counter("connections_closed_total",
+                         "open connections the proxy closed itself: idle for -idle-timeout",
+                         ["reason"])
         dial_failed = counter("backend_dial_failures_total", "backend connects that failed")
         dial = HistogramMetricFamily("pyproxy_backend_dial_duration_seconds",
                                      "time to connect to the backend", labels=LABELS)
@@ -59,8 +63,14 @@ class StatsCollector(Collector):
         flows = counter("udp_flows_total", "UDP flows by how they began or ended", ["event"])
         datagrams = counter("udp_datagrams_total", "UDP datagrams relayed", ["direction"])
         dropped = counter("udp_datagrams_dropped_total",
-                          "UDP datagrams not relayed: send failed, no socket, or client not allowed",
-                          ["reason"])
+                          "UDP datagrams not relayed: send failed, client not allowed, or no "
+                          "flow could be opened for a new client", ["reason"])
+        budget = process_budget()
+        flow_budget = GaugeMetricFamily("pyproxy_udp_flow_budget",
+                                        "UDP flows of the whole process: its limit and how many "
+                                        "are in use", labels=["state"])
+        flow_budget.add_metric(["limit"], budget.limit)
+        flow_budget.add_metric(["used"], budget.used)
         for mapping, s in list(self._stats.items()):
             lv = _label_values(mapping)
             if mapping.proto == "udp":
@@ -72,11 +82,13 @@ class StatsCollector(Collector):
                 datagrams.add_metric(lv + ["container_to_client"], s.datagrams_from_container)
                 dropped.add_metric(lv + ["error"], s.datagrams_dropped)
                 dropped.add_metric(lv + ["denied"], s.datagrams_denied)
+                dropped.add_metric(lv + ["no_flow"], s.datagrams_no_flow)
                 continue
             accepted.add_metric(lv, s.accepted)
             active.add_metric(lv, s.active)
             rejected.add_metric(lv + ["denied"], s.rejected_denied)
             rejected.add_metric(lv + ["limit"], s.rejected_limit)
+            closed.add_metric(lv + ["idle"], s.closed_idle)
             dial_failed.add_metric(lv, s.dial_failures)
             cumulative, buckets = 0, []
             for bound, count in zip([*map(str, DIAL_BUCKETS), "+Inf"], s.dial_bucket_counts, strict=True):
@@ -90,8 +102,8 @@ class StatsCollector(Collector):
                 messages.add_metric(lv + ["container_to_client"], s.messages_from_container)
             else:
                 spliced.add_metric(lv, s.spliced)
-        yield from (accepted, active, rejected, dial_failed, dial, stream_bytes, spliced, messages,
-                    flows_active, flows, datagrams, dropped)
+        yield from (accepted, active, rejected, closed, dial_failed, dial, stream_bytes, spliced,
+                    messages, flows_active, flows, datagrams, dropped, flow_budget)
 
 
 def make_registry(stats: MappingType[Mapping, MappingStats]) -> CollectorRegistry:

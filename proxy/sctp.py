@@ -23,6 +23,7 @@ from time import perf_counter
 
 from proxy.access import AllowList
 from proxy.config import Config, Mapping, family_of
+from proxy.idle import IdleSweeper
 from proxy.listeners import go_strerror, set_buffer_size
 from proxy.stats import MappingStats
 from proxy.tcp import RETRY_CAP, RETRY_FIRST, dial_error
@@ -197,7 +198,7 @@ class Association:
     """A client's association and the one dialled to the container for it."""
 
     __slots__ = ("listener", "loop", "client", "peer", "container", "directions", "dial",
-                 "closing", "closed")
+                 "closing", "closed", "messages", "messages_seen", "quiet_since")
 
     def __init__(self, listener: SctpListener, client: socket.socket, peer: tuple) -> None:
         self.listener = listener
@@ -209,6 +210,11 @@ class Association:
         self.dial: asyncio.Task[None] | None = None
         self.closing = False  # one side has ended: close once the last message is out
         self.closed = False
+        # -idle-timeout: messages relayed, and the count and time at which a sweep last saw
+        # it change (SCTP has no tcp_info clock to ask).
+        self.messages = 0
+        self.messages_seen = 0
+        self.quiet_since = 0.0
 
     def connected(self, container: socket.socket) -> None:
         """The backend answered: relay both ways. Until now the client's messages waited in
@@ -221,12 +227,27 @@ class Association:
 
     def count(self, from_client: bool, size: int) -> None:
         stats = self.listener.stats
+        self.messages += 1
         if from_client:
             stats.bytes_from_client += size
             stats.messages_from_client += 1
         else:
             stats.bytes_from_container += size
             stats.messages_from_container += 1
+
+    def quiet_for(self, now: float) -> float:
+        """For -idle-timeout: quiet since the first sweep that saw no new message, so at most
+        one sweep interval short of the truth (0 until the backend answers)."""
+        if self.container is None:
+            return 0.0
+        if self.messages != self.messages_seen or not self.quiet_since:
+            self.messages_seen = self.messages
+            self.quiet_since = now
+            return 0.0
+        return now - self.quiet_since
+
+    def close_idle(self) -> None:
+        self.close()
 
     def ended(self, direction: _Direction) -> None:
         """One side sent SHUTDOWN. SCTP has no half-close: once the message still waiting in
@@ -273,19 +294,25 @@ class SctpListener:
         self.max_conns = config.max_conns
         self.dial_timeout = config.dial_timeout
         self.dial_retry = config.dial_retry
+        self.idle_timeout = config.idle_timeout
         self.connections: set[Association] = set()
         self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]  # set in start()
         self._backend = (str(mapping.container_ip), mapping.container_port)
         self._sock: socket.socket | None = None
         self._paused: asyncio.TimerHandle | None = None
+        self._idle: IdleSweeper | None = None
 
     async def start(self, sock: socket.socket) -> None:
         self.loop = asyncio.get_running_loop()
         self._sock = sock
         set_listener_options(sock)
         self.loop.add_reader(sock.fileno(), self._accept)
+        if self.idle_timeout:
+            self._idle = IdleSweeper(self.loop, self.idle_timeout, self.connections, self.stats)
 
     def stop_accepting(self) -> None:
+        if self._idle is not None:
+            self._idle.stop()
         if self._sock is None:
             return
         if self._paused is not None:

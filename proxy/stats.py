@@ -25,6 +25,7 @@ class MappingStats:
     rejected_denied: int = 0  # client not in -allow
     rejected_limit: int = 0  # over -max-conns
     dial_failures: int = 0
+    closed_idle: int = 0  # closed by -idle-timeout
     bytes_from_client: int = 0
     bytes_from_container: int = 0
     spliced: int = 0  # directions that switched to zero-copy splice
@@ -40,6 +41,7 @@ class MappingStats:
     datagrams_from_container: int = 0
     datagrams_dropped: int = 0
     datagrams_denied: int = 0
+    datagrams_no_flow: int = 0  # no flow could be opened for a new client (no fd, no port)
     # dial latency histogram: counts per bucket (last one is +Inf) and the running sum
     dial_bucket_counts: list[int] = Factory(lambda: [0] * (len(DIAL_BUCKETS) + 1))
     dial_seconds_sum: float = 0.0

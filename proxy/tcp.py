@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, cast
 from proxy import proxyproto, transparent
 from proxy.access import AllowList
 from proxy.config import Config, Mapping, family_of
+from proxy.idle import IdleSweeper
 from proxy.listeners import BACKLOG, go_strerror, set_keepalive
 from proxy.splice import SPLICE_AFTER, SPLICE_MIN_READ, Splicer
 from proxy.stats import MappingStats
@@ -39,6 +40,9 @@ EARLY_DATA_LIMIT = 256 * 1024
 RETRY_FIRST, RETRY_CAP = 0.05, 0.5
 
 _LINGER_RESET = struct.pack("ii", 1, 0)
+# struct tcp_info (<linux/tcp.h>): tcpi_last_data_recv, milliseconds since data last arrived.
+_LAST_DATA_RECV = struct.Struct("I")
+_LAST_DATA_RECV_OFFSET = 52
 
 
 def reset(transport: Transport) -> None:
@@ -50,6 +54,17 @@ def reset(transport: Transport) -> None:
         except OSError:
             pass
     transport.abort()
+
+
+def quiet_seconds(transport: Transport) -> float:
+    """Seconds since data last arrived on this connection, by the kernel's clock: what
+    -idle-timeout checks, without the relay timing every read (spliced reads included)."""
+    sock = transport.get_extra_info("socket")
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _LAST_DATA_RECV_OFFSET + 4)
+    except (OSError, AttributeError):  # closed meanwhile: the close is under way already
+        return 0.0
+    return _LAST_DATA_RECV.unpack_from(info, _LAST_DATA_RECV_OFFSET)[0] / 1000
 
 
 def dial_error(exc: BaseException) -> str:
@@ -258,6 +273,19 @@ class ClientSide(_Side):
             self.dial.cancel()
         super().connection_lost(exc)
 
+    def quiet_for(self, now: float) -> float:
+        """For -idle-timeout: quiet both ways for how long (0 until the backend answers)."""
+        peer = self.peer
+        if self.transport is None or peer is None or peer.transport is None:
+            return 0.0
+        return min(quiet_seconds(self.transport), quiet_seconds(peer.transport))
+
+    def close_idle(self) -> None:
+        """Close both ends now (the peers see a FIN; nothing is waiting to be sent)."""
+        for side in (self, self.peer):
+            if side is not None and side.transport is not None:
+                side.transport.abort()
+
 
 class TcpListener:
     """Serves one TCP mapping: accepts clients, dials the container for each, relays."""
@@ -272,6 +300,7 @@ class TcpListener:
         self.dial_timeout = config.dial_timeout
         self.dial_retry = config.dial_retry
         self.transparent = config.transparent
+        self.idle_timeout = config.idle_timeout
         self.connections: set[ClientSide] = set()
         # Dials under way, by when their current attempt began; oldest first (see _sweep_dials).
         self.dialing: dict[ClientSide, float] = {}
@@ -280,6 +309,7 @@ class TcpListener:
         self.backend_family = family_of(mapping.container_ip)
         self._server: asyncio.AbstractServer | None = None
         self._sweeper: asyncio.TimerHandle | None = None
+        self._idle: IdleSweeper | None = None
 
     async def start(self, sock: socket.socket) -> None:
         # Kept: asyncio.get_running_loop() costs a getpid() system call on every call.
@@ -289,20 +319,22 @@ class TcpListener:
                                                      backlog=BACKLOG)
         if self.dial_timeout:
             self._schedule_sweep()
+        if self.idle_timeout:
+            self._idle = IdleSweeper(self.loop, self.idle_timeout, self.connections, self.stats)
 
     def stop_accepting(self) -> None:
         if self._server is not None:
             self._server.close()
         if self._sweeper is not None:
             self._sweeper.cancel()
+        if self._idle is not None:
+            self._idle.stop()
 
     def abort_all(self) -> int:
         """Close every open connection now; returns how many there were."""
         open_now = list(self.connections)
         for client in open_now:
-            for side in (client, client.peer):
-                if side is not None and side.transport is not None:
-                    side.transport.abort()
+            client.close_idle()
         return len(open_now)
 
     # -- dialling the container -----------------------------------------------------------------

@@ -3,13 +3,17 @@
 The container sees one stable source port per client, and its replies go back to that client
 from the address the client sent to (IP_PKTINFO / IPV6_PKTINFO). Flows idle out after
 -udp-timeout, counted from the last datagram in either direction; when the table is full the
-idlest flow makes room. Datagrams are read with recvmsg() in a loop until the socket is empty,
-so one wake-up of the event loop serves a whole burst.
+idlest flow makes room. Flows of every mapping in the process also draw on one budget
+(proxy.budget): when it is spent, or the system has no socket or port left, the busiest
+mapping's idlest flow makes room, so a flood can't take the fds or ports that others need.
+Datagrams are read with recvmsg() in a loop until the socket is empty, so one wake-up of the
+event loop serves a whole burst.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import socket
 from collections import OrderedDict
@@ -19,8 +23,10 @@ from attrs import define
 
 from proxy import proxyproto, transparent
 from proxy.access import AllowList
+from proxy.budget import FlowBudget, process_budget
 from proxy.config import Config, Mapping, family_of
-from proxy.listeners import set_buffer_size
+from proxy.listeners import go_strerror, set_buffer_size
+from proxy.logs import Throttle
 from proxy.stats import MappingStats
 
 log = logging.getLogger("pyproxy")
@@ -33,6 +39,11 @@ BURST = 256  # datagrams per wake-up before letting other sockets have a turn
 RECEIVE_BUFFER = 4 * 1024 * 1024
 
 Ancillary = list[tuple[int, int, bytes]]
+
+# What socket() or connect() fail with when fds, memory or ephemeral ports run out: giving up
+# an idle flow frees one of each, so one retry is worth it.
+SHORTAGE = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM, errno.EAGAIN,
+                      errno.EADDRNOTAVAIL})
 
 IP_PKTINFO = getattr(socket, "IP_PKTINFO", 8)  # <linux/in.h>; in the socket module from 3.12
 
@@ -95,12 +106,17 @@ def enable_pktinfo(sock: socket.socket) -> None:
 class UdpRelay:
     """Serves one UDP mapping."""
 
-    def __init__(self, mapping: Mapping, port: int, config: Config, stats: MappingStats) -> None:
+    def __init__(self, mapping: Mapping, port: int, config: Config, stats: MappingStats,
+                 budget: FlowBudget | None = None) -> None:
         self.mapping = mapping
         self.port = port
         self.stats = stats
         self.timeout = config.udp_timeout
         self.flows = FlowTable(config.udp_max_flows)
+        self.budget = budget if budget is not None else process_budget()
+        # A flood fails the same way for every new client: a line per mapping now and then.
+        self._no_flow_log = Throttle()
+        self._budget_log = Throttle()
         self.allow = AllowList(config.allow)
         self.proxy_protocol = config.proxy_protocol
         self.transparent = config.transparent
@@ -116,6 +132,7 @@ class UdpRelay:
         if not adopted:  # a socket passed on fd 4 keeps dockerd's PKTINFO choice
             enable_pktinfo(sock)
         deepen_receive_queue(sock)
+        self.budget.join(self)
         self._loop.add_reader(sock.fileno(), self._from_clients)
         self._schedule_sweep()
 
@@ -125,6 +142,7 @@ class UdpRelay:
         self._loop.remove_reader(self._sock.fileno())
         if self._sweeper is not None:
             self._sweeper.cancel()
+        self.budget.leave(self)
         for flow in self.flows.values():
             self._close_flow(flow)
         self.flows.clear()
@@ -185,34 +203,56 @@ class UdpRelay:
             return None
         evicted = self.flows.make_room()
         if evicted is not None:
-            self._close_flow(evicted)
-            stats.flows_evicted += 1
-        try:
-            sock = socket.socket(self._backend_family, socket.SOCK_DGRAM)
-        except OSError as exc:  # out of fds: drop this datagram, keep serving the others
-            stats.datagrams_dropped += 1
-            log.warning("udp: client %s: no socket for a new flow: %s", client[:2], exc.strerror)
-            return None
-        try:
-            sock.setblocking(False)
-            if self.transparent:
-                transparent.bind_to_client(sock, client[0], self.mapping.container_ip)
-            sock.connect(self._backend)
-        except (OSError, ValueError) as exc:
-            sock.close()
-            stats.datagrams_dropped += 1
-            log.warning("udp: client %s: connect %s: %s", client[:2], self.mapping.backend(),
-                        getattr(exc, "strerror", None) or exc)
-            return None
+            self._evict(evicted)
+        elif self.budget.exhausted():
+            held = self._budget_log.ready(now)
+            if held is not None:
+                log.warning("udp %s: the process's %d UDP flows are all in use: evicting the "
+                            "busiest mapping's idlest flows (%d more since the last line)",
+                            self.mapping.frontend(self.port), self.budget.limit, held)
+            if not self.budget.evict_one():
+                stats.datagrams_no_flow += 1
+                return None
+        for attempt in (1, 2):
+            try:
+                sock = self._flow_socket(client)
+                break
+            except (OSError, ValueError) as exc:
+                # Out of fds or ports (another part of the process, or the host, took them):
+                # an idle flow's socket is worth less than a new client's.
+                if (attempt == 1 and getattr(exc, "errno", None) in SHORTAGE
+                        and self.budget.evict_one()):
+                    continue
+                stats.datagrams_no_flow += 1
+                held = self._no_flow_log.ready(now)
+                if held is not None:
+                    reason = go_strerror(exc) if isinstance(exc, OSError) else str(exc)
+                    log.warning("udp: client %s: no flow to %s: %s (%d more since the last line)",
+                                client[:2], self.mapping.backend(), reason, held)
+                return None
         flow = Flow(client, sock, now)
         if self.proxy_protocol:
             flow.header = proxyproto.header(2, "udp", client, self._destination(ancillary))
         self.flows[client] = flow
         assert self._loop is not None
         self._loop.add_reader(sock.fileno(), self._from_container, flow)
+        self.budget.used += 1
         stats.flows_created += 1
         stats.flows_active += 1
         return flow
+
+    def _flow_socket(self, client: Any) -> socket.socket:
+        """A socket connected to the container, for a new flow of `client`."""
+        sock = socket.socket(self._backend_family, socket.SOCK_DGRAM)
+        try:
+            sock.setblocking(False)
+            if self.transparent:
+                transparent.bind_to_client(sock, client[0], self.mapping.container_ip)
+            sock.connect(self._backend)
+        except BaseException:
+            sock.close()
+            raise
+        return sock
 
     def _destination(self, ancillary: Ancillary) -> tuple[str, int]:
         """The address and port the client sent to: PKTINFO's, else the socket's own."""
@@ -274,9 +314,29 @@ class UdpRelay:
             self.stats.flows_expired += 1
         self._schedule_sweep()
 
+    # -- making room ----------------------------------------------------------------------------
+
+    def flow_count(self) -> int:
+        return len(self.flows)
+
+    def evict_idlest(self) -> bool:
+        """Give up this mapping's idlest flow, for a new one here or in another mapping."""
+        if not self.flows:
+            return False
+        self._evict(self.flows.popitem(last=False)[1])
+        return True
+
+    def _evict(self, flow: Flow) -> None:
+        # Replies already queued for it still reach the client: under a flood a flow may be
+        # evicted within a millisecond of its request, often with the answer in its socket.
+        self._from_container(flow)
+        self._close_flow(flow)
+        self.stats.flows_evicted += 1
+
     def _close_flow(self, flow: Flow) -> None:
         assert self._loop is not None
         self._loop.remove_reader(flow.sock.fileno())
         flow.sock.close()
+        self.budget.used -= 1
         self.stats.flows_active -= 1
 

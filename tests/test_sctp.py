@@ -482,3 +482,17 @@ def test_through_the_engine_with_fd_4(tmp_path, backend):
         send(c, Message(b"via the engine", 6, 0xCAFE))
         assert recv(c) == Message(b"via the engine", 6, 0xCAFE)
 
+
+
+def test_idle_timeout_closes_a_silent_association_and_keeps_a_busy_one(backend):
+    p, port = start(backend.port, "-idle-timeout", "400ms")
+    with connect(port) as busy, connect(port) as silent:
+        send(silent, Message(b"hello"))
+        assert recv(silent) == Message(b"hello")
+        for i in range(12):  # three timeouts of traffic, a message every 100 ms
+            send(busy, Message(b"%d" % i))
+            assert recv(busy) == Message(b"%d" % i)
+            time.sleep(0.1)
+        assert recv(silent) is None  # SHUTDOWN from the proxy, long since
+        send(busy, Message(b"still here"))
+        assert recv(busy) == Message(b"still here")
