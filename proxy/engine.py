@@ -22,7 +22,7 @@ import attrs
 
 from proxy.cli import UsageError, parse_config
 from proxy.config import Config, Mapping
-from proxy.launch import decode_argv, encode_reply, unframe
+from proxy.wire import decode_argv, encode_reply, unframe
 from proxy.listeners import StartupError
 from proxy.server import Server, start_metrics, wait_for_stop_signal
 from proxy.stats import MappingStats

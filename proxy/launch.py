@@ -21,6 +21,8 @@ import os
 import sys
 from collections.abc import Sequence
 
+from proxy.wire import WireError, decode_reply, encode_argv, frame, unframe
+
 ENGINE_SOCKET_ENV = "PYPROXY_ENGINE_SOCKET"
 DEFAULT_ENGINE_SOCKET = "/run/pyproxy/engine.sock"
 WAITER = "/bin/dash"  # Debian's essential POSIX shell: small, and always there
@@ -33,42 +35,6 @@ WAITER_SCRIPT = (
 # Flags answered locally, without an engine.
 _LOCAL_FLAGS = {"-h", "-help", "--help", "-v", "-version", "--version", "-engine", "--engine"}
 _S_IFMT, _S_IFSOCK = 0o170000, 0o140000
-
-# -- the engine protocol's framing: "<length>\n<payload>", shared with proxy.engine --------------
-# request payload: the argv, NUL-separated (no argument can hold a NUL);
-# reply payload: "<status>\n<body>": status 0 with the `docker port` lines, 1 or 2 (usage)
-# with the error text.
-
-
-def frame(payload: bytes) -> bytes:
-    return b"%d\n" % len(payload) + payload
-
-
-def unframe(buffer: bytes) -> bytes | None:
-    """The payload if `buffer` holds a whole frame, else None (read more)."""
-    head, sep, rest = buffer.partition(b"\n")
-    if not sep:
-        return None
-    length = int(head)
-    return rest[:length] if len(rest) >= length else None
-
-
-def encode_argv(argv: Sequence[str]) -> bytes:
-    return b"\0".join(os.fsencode(a) for a in argv)
-
-
-def decode_argv(payload: bytes) -> list[str]:
-    return [os.fsdecode(a) for a in payload.split(b"\0")] if payload else []
-
-
-def encode_reply(status: int, body: str) -> bytes:
-    return frame(b"%d\n" % status + body.encode())
-
-
-def decode_reply(payload: bytes) -> tuple[int, str]:
-    status, _, body = payload.partition(b"\n")
-    return int(status), body.decode(errors="replace")
-
 
 # -- the spawned side ------------------------------------------------------------------------------
 
@@ -124,7 +90,7 @@ def hand_over(engine: _socket.socket, argv: Sequence[str]) -> int:
     try:
         engine.sendmsg([frame(encode_argv(argv))], ancillary)
         code, body = _read_reply(engine)
-    except (OSError, ValueError) as exc:
+    except (OSError, WireError) as exc:
         code, body = 1, f"pyproxy engine: {exc}"
     if code != 0:
         status.fail(body)
