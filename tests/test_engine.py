@@ -328,6 +328,11 @@ def start_engine(path: str) -> Proxy:
     return Proxy(["-engine", "-engine-socket", path], wait_ready=False)
 
 
+def answered(path: str) -> bool:
+    """A round trip: once the engine answers, it is serving (its stop handlers are set)."""
+    return decode_reply(unframe(raw(path, frame(encode_argv(["-v"])))) or b"")[0] == 2
+
+
 def test_a_regular_file_at_the_socket_path_is_left_alone(tmp_path):
     path = tmp_path / "engine.sock"
     path.write_text("precious")
@@ -350,19 +355,19 @@ def test_a_stale_socket_is_replaced(tmp_path):
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as dead:
         dead.bind(path)  # bound, never listening: an engine that died
     p = start_engine(path)
-    assert p.status == b"0\n"
+    assert p.status == b"0\n" and answered(path)
     assert p.stop() and p.proc.returncode == 0
 
 
 def test_a_socket_deleted_or_replaced_while_running_is_not_touched_at_stop(tmp_path):
     path = str(tmp_path / "engine.sock")
     p = start_engine(path)
-    assert p.status == b"0\n"
+    assert p.status == b"0\n" and answered(path)
     os.unlink(path)
     _, err = p.stop()
     assert p.proc.returncode == 0 and b"Traceback" not in err
     p = start_engine(path)
-    assert p.status == b"0\n"
+    assert p.status == b"0\n" and answered(path)
     os.unlink(path)
     other = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     other.bind(path)  # someone else's socket now: not ours to remove
