@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
@@ -96,8 +97,53 @@ def _parse_choice(*choices: str) -> Callable[[str], str]:
 
 
 class _GoParser(argparse.ArgumentParser):
+    """argparse with Go's `flag` syntax: `-name`, `--name`, `-name=value`, `-name value`.
+
+    argparse alone would also chain single-dash flags (`-hv` as `-h -v`) and take `-1s` for
+    a flag; Go does neither, so go_syntax() rewrites argv into unambiguous `--name=value`
+    first, rejecting what Go's flag package rejects."""
+
+    def __init__(self, *args: Any, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self.go_flags: dict[str, argparse.Action] = {}  # "host-port" -> its action
+
+    def add_argument(self, *args: Any, **kw: Any) -> argparse.Action:
+        action = super().add_argument(*args, **kw)
+        for option in action.option_strings:
+            self.go_flags[option.lstrip("-")] = action
+        return action
+
     def error(self, message: str) -> NoReturn:
         raise UsageError(message)
+
+    def go_syntax(self, argv: Sequence[str]) -> list[str]:
+        """argv with every flag spelled `--name[=value]`; stops at the first non-flag, as Go."""
+        out: list[str] = []
+        rest = list(argv)
+        while rest:
+            arg = rest[0]
+            if len(arg) < 2 or arg[0] != "-":
+                break  # not a flag: the rest goes to argparse as is (and is refused there)
+            del rest[0]
+            if arg == "--":
+                out.append(arg)
+                break
+            name, has_value, value = arg[2 if arg[1] == "-" else 1:].partition("=")
+            if not name or name[0] in "-=":
+                raise UsageError(f"bad flag syntax: {arg}")
+            action = self.go_flags.get(name)
+            if action is None:
+                raise UsageError(f"flag provided but not defined: -{name}")
+            option = action.option_strings[-1]
+            if action.nargs == 0:  # -h, -v: argparse refuses a value given to them
+                out.append(f"{option}={value}" if has_value else option)
+            elif action.nargs == "?":  # a Go boolean: never takes the next argument
+                out.append(f"{option}={value if has_value else 'true'}")
+            elif has_value or rest:  # Go takes the next argument whatever it looks like
+                out.append(f"{option}={value if has_value else rest.pop(0)}")
+            else:
+                out.append(option)  # argparse says "expected one argument"
+        return out + rest
 
 
 class _DefaultsFormatter(argparse.HelpFormatter):
@@ -145,7 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
     boolean("use-listen-fd", "adopt the listening socket passed on fd 4")
     parser.add_argument("-v", "-version", "--version", action="store_true", dest="version",
                         default=None, help="print the version and exit")
-    parser.add_argument("-h", "-help", "--help", action="help", help="show this help and exit")
+    parser.add_argument("-h", "-help", "--help", action="store_true", dest="help",
+                        default=None, help="show this help and exit")
     # pyproxy's own
     flag("p", None, None, "publish [IP:|IFACE:]HOSTPORT[-END]:CONTAINERPORT[-END][/tcp|/udp|/sctp] "
          "(repeatable; backend address from -container-ip; default: none)", action="append",
@@ -206,6 +253,19 @@ def _check_not_published(mapping: Mapping, seen: set[tuple[object, ...]], spec: 
     seen.add(key)
 
 
+MAX_UNIX_PATH = 107  # sun_path is 108 bytes, NUL included
+
+
+def _check_engine_socket(path: str) -> None:
+    if not path:
+        raise UsageError(f"argument -engine-socket: empty (is ${ENGINE_SOCKET_ENV} set to ''?); "
+                         "the engine needs a path for its socket")
+    size = len(os.fsencode(path))
+    if size > MAX_UNIX_PATH:
+        raise UsageError(f"argument -engine-socket: {path!r} is {size} bytes; a Unix socket path "
+                         f"is at most {MAX_UNIX_PATH}")
+
+
 def config_from_args(args: argparse.Namespace) -> Config:
     mappings: list[Mapping] = []
     if args.p and args.container_ip is None:
@@ -239,6 +299,8 @@ def config_from_args(args: argparse.Namespace) -> Config:
     if args.engine and mappings:
         raise UsageError("argument -engine: the engine serves what spawned pyproxies hand it; "
                          "give it no -host-port or -p")
+    if args.engine:
+        _check_engine_socket(args.engine_socket)
     if not mappings and not args.engine:
         raise UsageError("nothing to publish: give -host-port and -container-port, or -p")
     if args.use_listen_fd and len(mappings) != 1:
@@ -265,43 +327,19 @@ def config_from_args(args: argparse.Namespace) -> Config:
     return Config(mappings=mappings, **own)
 
 
-def join_flag_values(argv: Sequence[str]) -> list[str]:
-    """Go's flag package gives a flag that takes a value the next argument, whatever it looks
-    like; argparse refuses one that starts with '-' ("-dial-timeout -1s": "expected one
-    argument"). Writing each such pair as "-flag=value" makes argparse take it as Go does, so
-    the value's own parser says what is wrong with it. Booleans take no separate value in Go,
-    and "--" ends the flags, as there."""
-    takes_value = _value_flags()
-    out: list[str] = []
-    args = iter(argv)
-    for arg in args:
-        if arg == "--":
-            out.append(arg)
-            out.extend(args)
-            break
-        if arg in takes_value:
-            value = next(args, None)
-            out.append(arg if value is None else f"{arg}={value}")
-        else:
-            out.append(arg)
-    return out
-
-
-@functools.cache
-def _value_flags() -> frozenset[str]:
-    """The spellings of every flag that takes exactly one value."""
-    return frozenset(
-        option
-        for action in build_parser()._actions
-        if action.option_strings and action.nargs is None
-        and isinstance(action, (argparse._StoreAction, argparse._AppendAction))
-        for option in action.option_strings
-    )
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    """argv read with Go's flag syntax; raises UsageError, never exits (the engine calls it)."""
+    parser = build_parser()
+    assert isinstance(parser, _GoParser)
+    return parser.parse_args(parser.go_syntax(argv))
 
 
 def parse_config(argv: Sequence[str]) -> Config | None:
-    """The Config for argv, or None when the command was -v (already answered)."""
-    args = build_parser().parse_args(join_flag_values(argv))
+    """The Config for argv, or None when the command was -h or -v (already answered)."""
+    args = parse_args(argv)
+    if args.help:
+        build_parser().print_help()
+        return None
     if args.version:
         print(f"pyproxy version {__version__}")
         return None

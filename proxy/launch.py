@@ -27,6 +27,7 @@ import sys
 from collections.abc import Sequence
 
 from proxy.statuspipe import StatusPipe  # os and stat only
+from proxy.wire import WireError, decode_reply, encode_argv, frame, unframe
 
 ENGINE_SOCKET_ENV = "PYPROXY_ENGINE_SOCKET"
 DEFAULT_ENGINE_SOCKET = "/run/pyproxy/engine.sock"
@@ -48,42 +49,6 @@ _LISTEN_FD_FLAGS = {"-use-listen-fd", "--use-listen-fd"}
 LISTEN_FD = 4  # as proxy.listeners.LISTEN_FD, which is not imported here: it pulls in socket
 _S_IFMT, _S_IFSOCK = 0o170000, 0o140000
 _UCRED_SIZE = 12  # struct ucred: pid, uid, gid
-
-# -- the engine protocol's framing: "<length>\n<payload>", shared with proxy.engine --------------
-# request payload: the argv, NUL-separated (no argument can hold a NUL);
-# reply payload: "<status>\n<body>": status 0 with the `docker port` lines, 1 or 2 (usage)
-# with the error text.
-
-
-def frame(payload: bytes) -> bytes:
-    return b"%d\n" % len(payload) + payload
-
-
-def unframe(buffer: bytes) -> bytes | None:
-    """The payload if `buffer` holds a whole frame, else None (read more)."""
-    head, sep, rest = buffer.partition(b"\n")
-    if not sep:
-        return None
-    length = int(head)
-    return rest[:length] if len(rest) >= length else None
-
-
-def encode_argv(argv: Sequence[str]) -> bytes:
-    return b"\0".join(os.fsencode(a) for a in argv)
-
-
-def decode_argv(payload: bytes) -> list[str]:
-    return [os.fsdecode(a) for a in payload.split(b"\0")] if payload else []
-
-
-def encode_reply(status: int, body: str) -> bytes:
-    return frame(b"%d\n" % status + body.encode())
-
-
-def decode_reply(payload: bytes) -> tuple[int, str]:
-    status, _, body = payload.partition(b"\n")
-    return int(status), body.decode(errors="replace")
-
 
 # -- the spawned side ------------------------------------------------------------------------------
 
@@ -209,7 +174,7 @@ def hand_over(engine: _socket.socket, argv: Sequence[str], status: StatusPipe,
     try:
         engine.sendmsg([frame(encode_argv(argv))], ancillary)
         code, body = _read_reply(engine)
-    except (OSError, ValueError) as exc:
+    except (OSError, WireError) as exc:
         code, body = 1, f"pyproxy engine: {exc}"
     if code != 0:
         status.fail(body)

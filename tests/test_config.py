@@ -135,3 +135,31 @@ def test_any_duration_parses_or_says_why(text: str) -> None:
         assert parse_duration(text) >= 0
     except ValueError as exc:
         assert "not a duration" in str(exc)
+
+
+@pytest.mark.parametrize("argv, error", [
+    (["-hv"], "flag provided but not defined: -hv"),  # Go does not chain single-dash flags
+    (["-vh"], "flag provided but not defined: -vh"),
+    (["-hh"], "flag provided but not defined: -hh"),
+    (["-p", "80", "-nosuch"], "flag provided but not defined: -nosuch"),
+    (["---p", "80"], "bad flag syntax: ---p"),
+    (["-=p"], "bad flag syntax: -=p"),
+    (["-engine", "-engine-socket", ""], "argument -engine-socket: empty"),
+    (["-engine", "-engine-socket", "/" + "x" * 200], "is 201 bytes; a Unix socket path is at most 107"),
+])
+def test_go_flag_syntax_is_enforced(argv: list[str], error: str) -> None:
+    with pytest.raises(UsageError, match=error.replace("-", r"\-")):
+        parse_config(argv)
+
+
+def test_a_value_flag_takes_the_next_argument_whatever_it_looks_like() -> None:
+    """Go's flag package: `-dial-timeout -1s` gives -1s to -dial-timeout (then refuses it)."""
+    with pytest.raises(UsageError, match=r"argument -dial-timeout/--dial-timeout: invalid value '-1s'"):
+        parse_config(["-container-ip", "127.0.0.1", "-p", "80", "-dial-timeout", "-1s"])
+    config = parse_config(["-container-ip", "127.0.0.1", "-p", "80", "-transparent", "-use-listen-fd=false", "--p=81"])
+    assert config is not None and config.transparent and len(config.mappings) == 2
+
+
+def test_help_is_answered_without_exiting(capsys: pytest.CaptureFixture[str]) -> None:
+    assert parse_config(["-help"]) is None  # the engine parses argv too: it must never exit
+    assert "-engine-socket" in capsys.readouterr().out

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import array
 import os
 import signal
 import socket
@@ -10,6 +11,7 @@ import urllib.request
 
 import pytest
 
+from proxy.wire import decode_reply, encode_argv, frame, unframe
 from tests.conftest import Proxy, free_port, output
 from tests.test_contract import EchoBackend, docker_args, exchange
 
@@ -168,3 +170,243 @@ def test_rejected_listen_fds_are_not_kept_by_the_engine(engine):
         assert p.proc.wait(timeout=10) == 1
     time.sleep(0.2)
     assert len(os.listdir(f"/proc/{eng.proc.pid}/fd")) == before
+
+
+# -- the engine as the wrong peer sees it: junk, floods, help, flags it cannot honour ---------
+
+def raw(path: str, data: bytes, fds: tuple[int, ...] = (), timeout: float = 15) -> bytes:
+    """Send `data` (with `fds` attached) as a client of the engine; all it answers, to EOF."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as c:
+        c.settimeout(timeout)
+        c.connect(path)
+        ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
+        c.sendmsg([data], ancillary if fds else [])
+        answer = b""
+        while chunk := c.recv(65536):
+            answer += chunk
+        return answer
+
+
+def engine_fds(eng: Proxy) -> int:
+    return len(os.listdir(f"/proc/{eng.proc.pid}/fd"))
+
+
+def assert_alive_and_serving(path: str, eng: Proxy) -> None:
+    assert eng.proc.poll() is None
+    backend = EchoBackend()
+    port = free_port()
+    p = spawn_via(path, docker_args(port, backend.port))
+    try:
+        assert exchange("127.0.0.1", port) == b"ping"
+    finally:
+        p.stop(signal.SIGINT)
+        backend.close()
+
+
+@pytest.mark.parametrize("flag", ["-hv", "-vh", "-hh", "-vv", "-help=1"])
+def test_chained_flags_are_a_usage_error_and_the_engine_lives(engine, flag):
+    path, eng = engine
+    backend = EchoBackend()
+    port = free_port()
+    before = spawn_via(path, docker_args(port, backend.port))  # a mapping that must survive
+    try:
+        p = spawn_via(path, [flag], wait_ready=False)
+        assert p.proc.wait(timeout=10) == 2
+        assert p.status.startswith(b"1\n") and flag.encode()[:3] in p.status
+        assert exchange("127.0.0.1", port) == b"ping"
+        assert_alive_and_serving(path, eng)
+    finally:
+        before.stop(signal.SIGINT)
+        backend.close()
+
+
+@pytest.mark.parametrize("argv", [["-h"], ["-help"], ["-v"], ["-version"], ["-engine"],
+                                  ["-engine", "-engine-socket", "/tmp/x.sock"]])
+def test_help_version_and_engine_requests_get_a_reply_not_an_exit(engine, argv):
+    """The spawned side answers these itself; a raw client sending them gets a usage error."""
+    path, eng = engine
+    answer = raw(path, frame(encode_argv(argv)))
+    code, text = decode_reply(unframe(answer) or b"")
+    assert code == 2, text
+    assert_alive_and_serving(path, eng)
+    out, err = output(eng.proc)
+    assert b"usage:" not in out + err  # nothing printed by the engine for a peer
+
+
+@pytest.mark.parametrize("junk", [
+    b"junk\n", b"9" * 5000 + b"\n", b"-3\nabc", b"5_0\n" + b"x" * 50, b"\xff\xfe\n",
+    b"5\nhello",  # a frame, but not NUL-terminated arguments
+    b"3\na\0b",
+])
+def test_malformed_requests_get_a_clear_error_and_nothing_else_breaks(engine, junk):
+    path, eng = engine
+    answer = raw(path, junk)
+    code, text = decode_reply(unframe(answer) or b"")
+    assert code == 1 and text.startswith("engine: malformed request: "), text
+    assert_alive_and_serving(path, eng)
+    _, err = output(eng.proc)
+    assert b"Task exception" not in err and b"Traceback" not in err
+
+
+@pytest.mark.parametrize("args, error", [
+    (["-host-port", "8080", "-container-port", "\udcff"], b"argument -container-port: invalid"),
+    (["-p", "8080:80", "\udcff"], b"unrecognized arguments: \\udcff"),  # quoted unescaped
+    (["-\udcff"], b"flag provided but not defined: -\\udcff"),
+])
+def test_a_non_utf8_argument_is_a_usage_error(engine, args, error):
+    path, eng = engine
+    p = spawn_via(path, args, wait_ready=False)  # "\udcff": byte 0xff, as sys.argv holds it
+    assert p.proc.wait(timeout=10) == 2
+    assert p.status.startswith(b"1\n" + error)
+    assert_alive_and_serving(path, eng)
+
+
+def test_extra_fds_are_closed_at_once(engine):
+    """Fds a registration did not need are not held for the mapping's lifetime."""
+    path, eng = engine
+    backend = EchoBackend()
+    before = engine_fds(eng)
+    conns = []
+    try:
+        for _ in range(10):
+            pipes = [os.pipe() for _ in range(2)]
+            fds = tuple(fd for pair in pipes for fd in pair)
+            c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            c.settimeout(10)
+            c.connect(path)
+            c.sendmsg([frame(encode_argv(docker_args(free_port(), backend.port)))],
+                      [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())])
+            for fd in fds:
+                os.close(fd)
+            assert decode_reply(unframe(c.recv(4096)) or b"")[0] == 0
+            conns.append(c)
+        # each held mapping costs its connection and its listener, not the 4 fds it sent
+        assert engine_fds(eng) - before <= 10 * 2 + 2
+    finally:
+        for c in conns:
+            c.close()
+        backend.close()
+
+
+def test_an_idle_connection_is_closed_after_the_bound(engine):
+    path, eng = engine
+    before = engine_fds(eng)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as c:
+        c.settimeout(20)
+        c.connect(path)
+        answer = b""
+        while chunk := c.recv(4096):  # EOF comes: the engine closed it
+            answer += chunk
+    assert decode_reply(unframe(answer) or b"") == (1, "engine: no request within 5s")
+    time.sleep(0.2)
+    assert engine_fds(eng) == before
+
+
+def test_a_request_cut_short_is_closed_after_the_bound(engine):
+    path, _ = engine
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as c:
+        c.settimeout(20)
+        c.connect(path)
+        c.sendall(b"100\nonly part of it")
+        assert decode_reply(unframe(c.recv(4096)) or b"")[0] == 1
+
+
+@pytest.mark.parametrize("flag", [["-metrics-addr", "127.0.0.1:9999"], ["-log-level", "debug"],
+                                  ["-log-format", "json"], ["-log-file", "/tmp/pp.log"],
+                                  ["-drain-timeout", "5s"]])
+def test_per_mapping_flags_the_engine_cannot_honour_are_refused(engine, flag):
+    path, _ = engine
+    p = spawn_via(path, [*docker_args(free_port(), 80), *flag], wait_ready=False)
+    assert p.proc.wait(timeout=10) == 2
+    assert p.status.startswith(f"1\nargument {flag[0]}: not through the engine (".encode())
+    assert b"PYPROXY_ENGINE_SOCKET=" in p.status  # and how to have it anyway
+
+
+# -- the socket path: only ever remove a socket no engine answers on ---------------------------
+
+def start_engine(path: str) -> Proxy:
+    return Proxy(["-engine", "-engine-socket", path], wait_ready=False)
+
+
+def answered(path: str) -> bool:
+    """A round trip: once the engine answers, it is serving (its stop handlers are set)."""
+    return decode_reply(unframe(raw(path, frame(encode_argv(["-v"])))) or b"")[0] == 2
+
+
+def test_a_regular_file_at_the_socket_path_is_left_alone(tmp_path):
+    path = tmp_path / "engine.sock"
+    path.write_text("precious")
+    p = start_engine(str(path))
+    assert p.status == f"1\nengine: -engine-socket {path}: is a regular file, not a socket; " \
+                       "refusing to replace it".encode()
+    assert p.proc.wait(timeout=10) == 1
+    assert path.read_text() == "precious"
+
+
+def test_a_directory_at_the_socket_path_is_refused_without_a_traceback(tmp_path):
+    p = start_engine(str(tmp_path))
+    assert p.status.startswith(b"1\nengine: -engine-socket ") and b"is a directory" in p.status
+    assert p.proc.wait(timeout=10) == 1
+    assert b"Traceback" not in output(p.proc)[1]
+
+
+def test_a_stale_socket_is_replaced(tmp_path):
+    path = str(tmp_path / "engine.sock")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as dead:
+        dead.bind(path)  # bound, never listening: an engine that died
+    p = start_engine(path)
+    assert p.status == b"0\n" and answered(path)
+    assert p.stop() and p.proc.returncode == 0
+
+
+def test_a_socket_deleted_or_replaced_while_running_is_not_touched_at_stop(tmp_path):
+    path = str(tmp_path / "engine.sock")
+    p = start_engine(path)
+    assert p.status == b"0\n" and answered(path)
+    os.unlink(path)
+    _, err = p.stop()
+    assert p.proc.returncode == 0 and b"Traceback" not in err
+    p = start_engine(path)
+    assert p.status == b"0\n" and answered(path)
+    os.unlink(path)
+    other = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    other.bind(path)  # someone else's socket now: not ours to remove
+    _, err = p.stop()
+    assert p.proc.returncode == 0 and b"Traceback" not in err
+    assert os.path.exists(path)
+    other.close()
+
+
+def test_an_empty_socket_path_is_a_usage_error(tmp_path):
+    p = start_engine("")
+    assert p.proc.wait(timeout=10) == 2
+    assert p.status.startswith(b"1\nargument -engine-socket: empty")
+    assert b"Traceback" not in output(p.proc)[1]
+
+
+def test_a_socket_path_over_the_unix_limit_is_a_usage_error(tmp_path):
+    path = str(tmp_path / ("x" * 200))
+    p = start_engine(path)
+    assert p.proc.wait(timeout=10) == 2
+    assert p.status.startswith(b"1\nargument -engine-socket: ")
+    assert b"at most 107" in p.status and b"None" not in p.status
+
+
+@pytest.mark.parametrize("mode", [0o777, 0o1777, 0o775])
+def test_a_directory_others_can_write_is_refused(tmp_path, mode):
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(mode)
+    p = start_engine(str(shared / "engine.sock"))
+    assert p.proc.wait(timeout=10) == 1
+    assert b"refusing a directory others can write" in p.status
+    assert not (shared / "engine.sock").exists()
+
+
+def test_a_directory_of_another_user_is_refused(tmp_path):
+    theirs = tmp_path / "theirs"
+    theirs.mkdir(mode=0o755)
+    os.chown(theirs, 65534, 65534)
+    p = start_engine(str(theirs / "engine.sock"))
+    assert p.proc.wait(timeout=10) == 1
+    assert b"belongs to uid 65534" in p.status

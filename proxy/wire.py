@@ -1,0 +1,86 @@
+"""The engine protocol's wire format, shared by the spawned pyproxy (proxy.launch) and the
+engine (proxy.engine): pure functions over bytes, strict, and cheap to import.
+
+A frame is "<length>\\n<payload>": the length in ASCII decimal digits only (no sign, no
+underscore, no spaces), at most MAX_PAYLOAD. A request's payload is the argv, each argument
+followed by a NUL (no argument can hold one); a reply's is "<status>\\n<body>": status 0 with
+the `docker port` lines, 1 or 2 (usage) with the error text. Anything else is a WireError,
+the only exception these functions raise on any input: the engine answers it, never dies of it.
+
+The spawned side imports this before "0\\n", so it may import only os, sys and C modules.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+MAX_PAYLOAD = 64 * 1024  # an argv is a few hundred bytes; a reply a few lines
+_MAX_DIGITS = len(str(MAX_PAYLOAD))
+_DIGITS = frozenset(b"0123456789")
+STATUSES = (0, 1, 2)
+
+
+class WireError(ValueError):
+    """Bytes that are not a frame of the engine protocol; the text says what is wrong."""
+
+
+def frame(payload: bytes) -> bytes:
+    if len(payload) > MAX_PAYLOAD:
+        raise WireError(f"payload of {len(payload)} bytes is over the {MAX_PAYLOAD}-byte limit")
+    return b"%d\n" % len(payload) + payload
+
+
+def _length(head: bytes) -> int:
+    if not head or not _DIGITS.issuperset(head):
+        raise WireError(f"frame length {head[:_MAX_DIGITS + 1]!r} is not a decimal number")
+    if len(head) > _MAX_DIGITS or int(head) > MAX_PAYLOAD:
+        raise WireError(f"frame length {head[:_MAX_DIGITS + 1]!r} is over the "
+                        f"{MAX_PAYLOAD}-byte limit")
+    return int(head)
+
+
+def unframe(buffer: bytes) -> bytes | None:
+    """The payload if `buffer` starts with a whole frame, None if more bytes are needed.
+
+    Bytes after the frame are ignored. A buffer that can no longer become a valid frame
+    raises WireError at once, so a reader never waits on (or buffers) a hopeless request."""
+    end = buffer.find(b"\n", 0, _MAX_DIGITS + 1)
+    if end < 0:
+        if len(buffer) > _MAX_DIGITS or not _DIGITS.issuperset(buffer):
+            _length(buffer[:_MAX_DIGITS + 1])  # raises: too long or not digits
+        return None
+    length = _length(buffer[:end])
+    payload = buffer[end + 1 : end + 1 + length]
+    return payload if len(payload) == length else None
+
+
+def encode_argv(argv: Sequence[str]) -> bytes:
+    try:
+        encoded = [os.fsencode(arg) for arg in argv]
+    except UnicodeEncodeError as exc:  # a str no command line can hold (a lone surrogate)
+        raise WireError(f"an argument cannot be encoded: {exc.reason}") from None
+    if any(b"\0" in arg for arg in encoded):
+        raise WireError("an argument holds a NUL byte")
+    return b"".join(arg + b"\0" for arg in encoded)
+
+
+def decode_argv(payload: bytes) -> list[str]:
+    """The argv as the spawned process had it (non-UTF-8 bytes kept, as in sys.argv)."""
+    if payload and not payload.endswith(b"\0"):
+        raise WireError("the argument list does not end with a NUL")
+    return [os.fsdecode(arg) for arg in payload.split(b"\0")[:-1]]
+
+
+def encode_reply(status: int, body: str) -> bytes:
+    if status not in STATUSES:
+        raise WireError(f"reply status {status} is not 0, 1 or 2")
+    # backslashreplace: an error text quoting a non-UTF-8 argument must still be sendable
+    return frame(b"%d\n" % status + body.encode(errors="backslashreplace"))
+
+
+def decode_reply(payload: bytes) -> tuple[int, str]:
+    head, sep, body = payload.partition(b"\n")
+    if not sep or head not in (b"0", b"1", b"2"):
+        raise WireError(f"reply status {head[:8]!r} is not 0, 1 or 2")
+    return int(head), body.decode(errors="replace")
