@@ -1,16 +1,19 @@
 """pyproxy against docker-proxy, nginx stream, HAProxy, socat and no proxy, in one run.
 
     sudo benchmarks/setup.sh && .venv/bin/python benchmarks/bench.py
+    .venv/bin/python benchmarks/bench.py --seconds 1 --only udp-flood --peers no-proxy,pyproxy
 
 The proxy is pinned to CPU 0, the load generator and the backend to CPU 1. Throughput is
 often capped by the load core, so the figure that tells proxies apart is the proxy's CPU
-time per unit of work, read from /proc/PID/stat. Prints a table of absolute figures and
-ratios to docker-proxy, writes JSON and a PNG chart to benchmarks/results/.
+time per unit of work, read from /proc/PID/stat. Latency percentiles (p50, p99) come from the
+load tools: wrk --latency for HTTP, sockperf for the UDP round trip. Prints a table of
+absolute figures and ratios to docker-proxy, writes JSON and a PNG chart to benchmarks/results/.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import re
@@ -19,12 +22,12 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from measure import cpu_seconds, tree_pss_kib  # noqa: E402
-from peers import (  # noqa: E402
+from measure import cpu_seconds, tree_pss_kib
+from peers import (
     LOAD_CPU,
     PEERS,
     Peer,
@@ -36,80 +39,171 @@ from peers import (  # noqa: E402
 )
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+FLOOD_BITRATE = "100M"  # iperf3 -b: 64-byte payloads at 100 Mbit/s offer ~195,000 datagrams/s
+FLOOD_SIZE = 64
 
 
 def run_load(cmd: list[str], timeout: float) -> str:
-    done = subprocess.run(["taskset", "-c", LOAD_CPU, *cmd], capture_output=True, text=True,
-                          timeout=timeout)
+    done = subprocess.run(["taskset", "-c", LOAD_CPU, *cmd], check=False, capture_output=True,
+                          text=True, timeout=timeout)
     return done.stdout + done.stderr
 
 
-# -- workloads: each drives load at a port and returns {"rate": .., "units": ..} -------------
+def found(pattern: str, out: str, flags: int = 0) -> re.Match[str]:
+    """pattern in a load tool's output, or an error that shows the output (a failed run)."""
+    match = re.search(pattern, out, flags)
+    if match is None:
+        raise RuntimeError(f"no {pattern!r} in the load's output: {out[-400:]!r}")
+    return match
+
+
+def iperf_json(out: str) -> dict[str, Any]:
+    try:
+        report: dict[str, Any] = json.loads(out[out.index("{"):])
+    except ValueError as e:
+        raise RuntimeError(f"iperf3 gave no JSON ({e}): {out[-400:]!r}") from None
+    if "error" in report:
+        raise RuntimeError(f"iperf3: {report['error']}")
+    return report
+
+
+# -- workloads: each drives load at a port and returns {"rate": .., "units": ..} and, where the
+# -- tool measures it, "p50_us" and "p99_us" -------------------------------------------------
+
+WRK_UNITS = {"us": 1.0, "ms": 1e3, "s": 1e6, "m": 60e6, "h": 3600e6}
+
+
+def wrk(port: int, seconds: float, *extra: str) -> dict[str, float]:
+    out = run_load(["wrk", "-t1", *extra, "--latency", f"-d{int(seconds)}s", f"http://127.0.0.1:{port}/"],
+                   seconds + 30)
+    figures = {"rate": float(found(r"Requests/sec:\s+([\d.]+)", out)[1]),
+               "units": float(found(r"(\d+) requests in", out)[1])}
+    for pct in (50, 99):  # from the "Latency Distribution" block, e.g. "     99%    1.50ms"
+        value = found(rf"^\s*{pct}%\s+([\d.]+)([a-z]+)\s*$", out, re.MULTILINE)
+        figures[f"p{pct}_us"] = float(value[1]) * WRK_UNITS[value[2]]
+    return figures
+
 
 def http_keepalive(port: int, seconds: float) -> dict[str, float]:
-    out = run_load(["wrk", "-t1", "-c50", f"-d{int(seconds)}s", f"http://127.0.0.1:{port}/"], seconds + 30)
-    return {"rate": float(re.search(r"Requests/sec:\s+([\d.]+)", out)[1]),  # type: ignore[index]
-            "units": float(re.search(r"(\d+) requests in", out)[1])}  # type: ignore[index]
+    return wrk(port, seconds, "-c50")
 
 
 def http_close(port: int, seconds: float) -> dict[str, float]:
-    out = run_load(["wrk", "-t1", "-c20", f"-d{int(seconds)}s", "-H", "Connection: close",
-                    f"http://127.0.0.1:{port}/"], seconds + 30)
-    return {"rate": float(re.search(r"Requests/sec:\s+([\d.]+)", out)[1]),  # type: ignore[index]
-            "units": float(re.search(r"(\d+) requests in", out)[1])}  # type: ignore[index]
+    # wrk's latency runs from the request's first byte to the response's last; the connect is
+    # not in it, but the connection setup shows in the rate and the CPU
+    return wrk(port, seconds, "-c20", "-H", "Connection: close")
 
 
 def bulk(port: int, seconds: float) -> dict[str, float]:
     out = run_load(["iperf3", "-c", "127.0.0.1", "-p", str(port), "-t", str(int(seconds)), "-J"], seconds + 30)
-    summary = json.loads(out[out.index("{"):])["end"]["sum_received"]
+    summary = iperf_json(out)["end"]["sum_received"]
     return {"rate": summary["bits_per_second"] / 1e9, "units": summary["bytes"] / 1e9}
 
 
 def udp_pingpong(port: int, seconds: float) -> dict[str, float]:
     out = run_load(["sockperf", "ping-pong", "-i", "127.0.0.1", "-p", str(port), "-t", str(int(seconds)),
                     "-m", "64"], seconds + 30)
-    # sockperf reports half the round trip; CPU is read over the whole run, warm-up included
-    half_rtt = float(re.search(r"Latency is ([\d.]+) usec", out)[1])  # type: ignore[index]
-    received = float(re.search(r"\[Total Run\].*?ReceivedMessages=(\d+)", out)[1])  # type: ignore[index]
-    return {"rate": 2 * half_rtt, "units": 2 * received}  # µs round trip; datagrams relayed
+    # sockperf reports half the round trip (each sample is its round trip halved, percentiles
+    # too); CPU is read over the whole run, warm-up included
+    half_rtt = float(found(r"Latency is ([\d.]+) usec", out)[1])
+    received = float(found(r"\[Total Run\].*?ReceivedMessages=(\d+)", out)[1])
+    figures = {"rate": 2 * half_rtt, "units": 2 * received}  # µs round trip; datagrams relayed
+    for pct in (50, 99):
+        figures[f"p{pct}_us"] = 2 * float(found(rf"percentile {pct:.3f} =\s+([\d.]+)", out)[1])
+    return figures
 
 
-WORKLOADS: dict[str, tuple[str, Callable[[int], Any], Callable[[int, float], dict[str, float]], str, str, float]] = {
-    # name: (proto, backend, load, rate label, cpu label, cpu scale to µs or s)
-    "http-keepalive": ("tcp", http_backend, http_keepalive, "req/s", "µs CPU/req", 1e6),
-    "new-connections": ("tcp", http_backend, http_close, "conn/s", "µs CPU/conn", 1e6),
-    "bulk-tcp": ("tcp", iperf_backend, bulk, "Gbit/s", "CPU s/GB", 1.0),
-    "udp-pingpong": ("udp", sockperf_backend, udp_pingpong, "µs RTT", "µs CPU/dgram", 1e6),
+def udp_flood(port: int, seconds: float, bitrate: str = FLOOD_BITRATE) -> dict[str, float]:
+    """iperf3 -u at a fixed offered rate: what the proxy delivers, and its CPU per delivered
+    datagram. iperf3's control connection is TCP on the same port number as the UDP data."""
+    out = run_load(["iperf3", "-c", "127.0.0.1", "-p", str(port), "-u", "-l", str(FLOOD_SIZE), "-b", bitrate,
+                    "-t", str(int(seconds)), "-J"], seconds + 30)
+    end = iperf_json(out)["end"]
+    # iperf3 >= 3.11 splits the client's count ("sum_sent") from the server's ("sum_received",
+    # where packets - lost_packets arrived); older ones give one "sum" with the server's losses
+    sent, received = end.get("sum_sent", end["sum"]), end.get("sum_received", end["sum"])
+    delivered = received["packets"] - received["lost_packets"]
+    if not sent["packets"] or not delivered:
+        raise RuntimeError(f"nothing delivered: {sent['packets']} datagrams sent, {delivered} arrived")
+    return {"rate": delivered / received["seconds"], "units": delivered,
+            "offered_rate": sent["packets"] / sent["seconds"], "delivered_fraction": delivered / sent["packets"]}
+
+
+def settle(procs: list[subprocess.Popen], timeout: float = 5.0) -> None:
+    """Wait until the proxy has gone idle, so the measured run is charged only its own work.
+    After a flood the proxy may still be relaying the last test's queued datagrams (pyproxy's
+    frontend queue is 4 MiB deep: thousands of small ones); iperf3's next server would take a
+    late one for its handshake, answer the old flow, and the new client would wait forever."""
+    deadline, last = time.monotonic() + timeout, -1.0
+    while time.monotonic() < deadline:
+        used = sum(cpu_seconds(p.pid) for p in procs)
+        if used == last:
+            return
+        last = used
+        time.sleep(0.2)
+
+
+class Workload(NamedTuple):
+    proto: str  # as Peer.start_all takes it
+    backend: Callable[[int], subprocess.Popen]
+    load: Callable[[int, float], dict[str, float]]
+    rate_label: str
+    cpu_label: str
+    cpu_scale: float  # CPU seconds per unit to the label's unit (µs or s)
+    latency_label: str = ""  # what p50_us / p99_us measure, if the load reports them
+    rate_higher_is_better: bool = True
+
+
+WORKLOADS: dict[str, Workload] = {
+    "http-keepalive": Workload("tcp", http_backend, http_keepalive, "req/s", "µs CPU/req", 1e6, "µs latency"),
+    "new-connections": Workload("tcp", http_backend, http_close, "conn/s", "µs CPU/conn", 1e6, "µs latency"),
+    "bulk-tcp": Workload("tcp", iperf_backend, bulk, "Gbit/s", "CPU s/GB", 1.0),
+    "udp-pingpong": Workload("udp", sockperf_backend, udp_pingpong, "µs RTT", "µs CPU/dgram", 1e6, "µs RTT",
+                             rate_higher_is_better=False),
+    "udp-flood": Workload("tcp+udp", iperf_backend, udp_flood, "dgram/s delivered", "µs CPU/delivered dgram", 1e6),
 }
 
 
 def measure_workload(name: str, peers: list[Peer], seconds: float, log: Callable[[str], None]
-                     ) -> dict[str, dict[str, float]]:
-    proto, make_backend, load, *_ = WORKLOADS[name]
-    backend_port = free_port()
-    backend = make_backend(backend_port)
-    results: dict[str, dict[str, float]] = {}
+                     ) -> dict[str, dict[str, Any]]:
+    """Figures per peer; a peer that fails gets {"error": ...} and the run goes on."""
+    work = WORKLOADS[name]
+    udp_too = "udp" in work.proto and "tcp" in work.proto  # iperf3 -u: both on one port number
+    backend_port = free_port(udp_too)
+    backend = work.backend(backend_port)
+    results: dict[str, dict[str, Any]] = {}
     try:
         for peer in peers:
-            if proto not in peer.protos:
+            if not peer.serves(work.proto):
                 continue
-            port = free_port()
-            proxy = peer.start(proto, port, backend_port)
+            port = free_port(udp_too)
+            procs: list[subprocess.Popen] = []
             try:
-                load(port if proxy else backend_port, 1)  # warm up: first connections, caches
-                before = cpu_seconds(proxy.pid) if proxy else 0.0
-                figures = load(port if proxy else backend_port, seconds)
-                if proxy:
-                    figures["cpu"] = cpu_seconds(proxy.pid) - before
+                procs = peer.start_all(work.proto, port, backend_port)
+                target = port if procs else backend_port
+                work.load(target, 1)  # warm up: first connections, caches
+                settle(procs)
+                # the CPU of every process serving the workload (two for docker-proxy's and
+                # pyproxy's iperf3 -u: one TCP, one UDP)
+                before = sum(cpu_seconds(p.pid) for p in procs)
+                figures: dict[str, Any] = work.load(target, seconds)
+                if procs:
+                    figures["cpu"] = sum(cpu_seconds(p.pid) for p in procs) - before
                     figures["cpu_per_unit"] = figures["cpu"] / figures["units"]
-                    figures["pss_kib"] = tree_pss_kib(proxy.pid)
+                    figures["pss_kib"] = sum(tree_pss_kib(p.pid) for p in procs)
                 results[peer.name] = figures
-                log(f"  {name:16} {peer.name:13} {figures['rate']:10.1f} {WORKLOADS[name][3]}"
-                    + (f"   {figures['cpu_per_unit'] * WORKLOADS[name][5]:8.2f} {WORKLOADS[name][4]}"
-                       if proxy else ""))
+                log(f"  {name:16} {peer.name:13} {figures['rate']:10.1f} {work.rate_label}"
+                    + (f"   {figures['cpu_per_unit'] * work.cpu_scale:8.2f} {work.cpu_label}" if procs else "")
+                    + (f"   p50 {figures['p50_us']:.1f} p99 {figures['p99_us']:.1f} {work.latency_label}"
+                       if "p99_us" in figures else "")
+                    + (f"   {figures['delivered_fraction']:.1%} of {figures['offered_rate']:.0f}/s delivered"
+                       if "delivered_fraction" in figures else ""))
+            except (OSError, RuntimeError, subprocess.SubprocessError, KeyError, ValueError) as e:
+                results[peer.name] = {"error": f"{type(e).__name__}: {e}"}
+                log(f"  {name:16} {peer.name:13} FAILED: {results[peer.name]['error']}")
             finally:
-                if proxy:
-                    stop(proxy)
+                for proc in procs:
+                    stop(proc)
     finally:
         stop(backend)
     return results
@@ -172,35 +266,62 @@ def metrics_cost(seconds: float, rounds: int, log: Callable[[str], None]) -> dic
     return {"off": off, "on": on, "ratio": on / off}
 
 
+class Row(NamedTuple):
+    """One line of the table (and one panel of the chart): a figure per peer."""
+
+    label: str
+    values: dict[str, float]
+    ref: float | None  # what the ratios divide by: docker-proxy's figure
+    higher_is_better: bool
+    chart: bool = True
+    chart_values: dict[str, float] | None = None  # bars other than the table's, when not values
+
+
+def table_rows(results: dict[str, Any]) -> list[Row]:
+    rows = []
+    for name, work in WORKLOADS.items():
+        peers = {n: f for n, f in results.get(name, {}).items() if "error" not in f}
+        for key, label, scale, higher in (
+            ("rate", work.rate_label, 1.0, work.rate_higher_is_better),
+            ("cpu_per_unit", work.cpu_label, work.cpu_scale, False),
+            ("p50_us", f"p50 {work.latency_label}", 1.0, False),
+            ("p99_us", f"p99 {work.latency_label}", 1.0, False),
+            ("delivered_fraction", "% delivered", 100.0, True),
+        ):
+            values = {n: f[key] * scale for n, f in peers.items() if key in f}
+            if values:
+                rows.append(Row(f"{name} {label}", values, values.get("docker-proxy"), higher, key != "p50_us"))
+    if results.get("idle-memory"):
+        mem = results["idle-memory"]
+        rows.append(Row("idle KiB per connection", mem, mem.get("docker-proxy"), False))
+    # The spawn contract: pyproxy standalone and through the engine, both against docker-proxy's start.
+    for key, label in (("spawn", "spawn to 0\\n ms"), ("many-ports", "many ports, total PSS MiB")):
+        kinds = results.get(key) or {}
+        values = {n: kinds[n] for n in ("docker-proxy", "pyproxy") if n in kinds}
+        bars = {bar: kinds[n] for n, bar in (("docker-proxy", "docker-proxy"), ("pyproxy", "pyproxy standalone"),
+                                              ("pyproxy engine", "pyproxy engine")) if n in kinds}
+        if values:  # its chart panel shows the engine's bar too
+            rows.append(Row(f"{label}, standalone", values, kinds.get("docker-proxy"), False, chart_values=bars))
+        if "pyproxy engine" in kinds:
+            rows.append(Row(f"{label}, via engine", {"pyproxy": kinds["pyproxy engine"]}, kinds.get("docker-proxy"),
+                            False, chart=not values))
+    return rows
+
+
 def print_table(results: dict[str, Any], log: Callable[[str], None]) -> None:
     names = [p.name for p in PEERS]
-    log("\n" + f"{'workload':30}" + "".join(f"{n:>14}" for n in names))
-    for name, (_, _, _, rate_label, cpu_label, scale) in WORKLOADS.items():
-        rows = results.get(name, {})
-        ref = rows.get("docker-proxy", {})
-        for key, label, mult in (("rate", rate_label, 1.0), ("cpu_per_unit", cpu_label, scale)):
-            line = f"{name + ' ' + label:30}"
-            for n in names:
-                v = rows.get(n, {}).get(key)
-                line += f"{v * mult:14.2f}" if v is not None else f"{'-':>14}"
-            log(line)
-            line = f"{'  ratio to docker-proxy':30}"
-            for n in names:
-                v, r = rows.get(n, {}).get(key), ref.get(key)
-                line += f"{v / r:14.2f}" if v is not None and r else f"{'-':>14}"
-            log(line)
-    if "idle-memory" in results:
-        mem = results["idle-memory"]
-        line = f"{'idle KiB per connection':30}"
-        for n in names:
-            line += f"{mem[n]:14.2f}" if n in mem else f"{'-':>14}"
-        log(line)
-        if mem.get("docker-proxy"):
-            log(f"{'  ratio to docker-proxy':30}" + "".join(
-                f"{mem[n] / mem['docker-proxy']:14.2f}" if n in mem else f"{'-':>14}" for n in names))
-    for key in ("metrics", "spawn", "many-ports"):
-        if key in results:
-            log(f"{key}: {json.dumps(results[key])}")
+    log("\n" + f"{'workload':36}" + "".join(f"{n:>14}" for n in names))
+    for row in table_rows(results):
+        log(f"{row.label:36}" + "".join(f"{row.values[n]:14.2f}" if n in row.values else f"{'-':>14}"
+                                         for n in names))
+        if row.ref:
+            log(f"{'  ratio to docker-proxy':36}" + "".join(
+                f"{row.values[n] / row.ref:14.2f}" if n in row.values else f"{'-':>14}" for n in names))
+    if "metrics" in results:
+        log(f"metrics on/off, keep-alive request rate: {results['metrics']['ratio']:.3f}")
+    failed = [f"{w} {n}: {f['error']}" for w in WORKLOADS for n, f in results.get(w, {}).items() if "error" in f]
+    for line in failed:
+        log(f"FAILED {line}")
 
 
 def draw_chart(results: dict[str, Any], path: str) -> None:
@@ -209,26 +330,27 @@ def draw_chart(results: dict[str, Any], path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [(w, k, f"{WORKLOADS[w][3] if k == 'rate' else WORKLOADS[w][4]}")
-              for w in WORKLOADS if w in results for k in ("rate", "cpu_per_unit")]
-    if "idle-memory" in results:
-        panels.append(("idle-memory", "", "KiB per idle connection"))
+    panels = [row for row in table_rows(results) if row.chart]  # p50s are in the table only
     if not panels:
         return
-    fig, axes = plt.subplots((len(panels) + 1) // 2, 2, figsize=(12, 3 * ((len(panels) + 1) // 2)))
-    for ax, (workload, key, label) in zip(axes.flat, panels):
-        rows = results[workload]
-        names = [p.name for p in PEERS if p.name in rows and (not key or key in rows[p.name])]
-        values = [rows[n][key] * (WORKLOADS[workload][5] if key == "cpu_per_unit" else 1) if key else rows[n]
-                  for n in names]
-        colors = ["#d62728" if n == "pyproxy" else "#1f77b4" if n == "docker-proxy" else "#999999"
+    cols = 3
+    lines = (len(panels) + cols - 1) // cols
+    fig, axes = plt.subplots(lines, cols, figsize=(16, 2.6 * lines), squeeze=False)
+    for ax, row in zip(axes.flat, panels, strict=False):
+        if row.chart_values is not None:
+            names = list(row.chart_values)
+            values = list(row.chart_values.values())
+        else:
+            names = [p.name for p in PEERS if p.name in row.values]
+            values = [row.values[n] for n in names]
+        colors = ["#d62728" if n.startswith("pyproxy") else "#1f77b4" if n == "docker-proxy" else "#999999"
                   for n in names]
         ax.barh(names, values, color=colors)
-        better = "higher is better" if key == "rate" and workload != "udp-pingpong" else "lower is better"
-        ax.set_title(f"{workload}: {label} ({better})", fontsize=10)
+        title = row.label.removesuffix(", standalone") if row.chart_values is not None else row.label
+        ax.set_title(f"{title} ({'higher' if row.higher_is_better else 'lower'} is better)", fontsize=9)
         ax.invert_yaxis()
         for i, v in enumerate(values):
-            ax.text(v, i, f" {v:.3g}", va="center", fontsize=8)
+            ax.text(v, i, f" {v:,.0f}" if v >= 1000 else f" {v:.3g}", va="center", fontsize=8)
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
     fig.suptitle("pyproxy vs docker-proxy and peers (proxy on CPU 0, load and backend on CPU 1)")
@@ -238,22 +360,41 @@ def draw_chart(results: dict[str, Any], path: str) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parts = [*WORKLOADS, "idle-memory", "metrics", "spawn", "many-ports"]
     parser.add_argument("--seconds", type=int, default=5, help="per workload and proxy")
-    parser.add_argument("--only", action="append", help="workloads to run (default: all)")
+    parser.add_argument("--only", action="append", default=[],
+                        help=f"workloads to run, comma-separated or repeated (default: all): {', '.join(parts)}")
+    parser.add_argument("--peers", default="",
+                        help=f"peers to run, comma-separated (default: all): {', '.join(p.key() for p in PEERS)}")
     parser.add_argument("--idle-conns", type=int, default=1000)
     parser.add_argument("--many-ports", type=int, default=100, help="N for the many-ports memory test")
+    parser.add_argument("--flood-bitrate", default=FLOOD_BITRATE,
+                        help=f"iperf3 -b for the UDP flood of {FLOOD_SIZE}-byte datagrams (default {FLOOD_BITRATE})")
     args = parser.parse_args()
+    selected = [w for arg in args.only for w in arg.split(",") if w] or parts
+    unknown = [w for w in selected if w not in parts]
+    if unknown:
+        parser.error(f"--only: no workload {', '.join(unknown)} (one of {', '.join(parts)})")
+    wanted = [p for p in args.peers.split(",") if p]
+    unknown = [p for p in wanted if p not in {peer.key() for peer in PEERS}]
+    if unknown:
+        parser.error(f"--peers: no peer {', '.join(unknown)} (one of {', '.join(p.key() for p in PEERS)})")
+    if args.seconds < 1:
+        parser.error(f"--seconds {args.seconds}: at least 1 (the load tools count whole seconds)")
+    if not re.fullmatch(r"\d+(\.\d+)?[KMG]?", args.flood_bitrate):
+        parser.error(f"--flood-bitrate {args.flood_bitrate!r}: a rate as iperf3 -b takes it, e.g. 100M")
+    WORKLOADS["udp-flood"] = WORKLOADS["udp-flood"]._replace(
+        load=functools.partial(udp_flood, bitrate=args.flood_bitrate))
     os.makedirs(RESULTS, exist_ok=True)
     import resource
 
     resource.setrlimit(resource.RLIMIT_NOFILE, (20000, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
-    peers = [p for p in PEERS if p.available()]
+    peers = [p for p in PEERS if p.available() and (not wanted or p.key() in wanted)]
     missing = [p.name for p in PEERS if not p.available()]
     if missing:
         print(f"not installed, skipped: {', '.join(missing)} (run benchmarks/setup.sh)")
-    selected = args.only or [*WORKLOADS, "idle-memory", "metrics", "spawn", "many-ports"]
     results: dict[str, Any] = {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": machine(),
-                               "seconds": args.seconds}
+                               "seconds": args.seconds, "flood_bitrate": args.flood_bitrate}
     started = time.monotonic()
 
     def log(line: str) -> None:
@@ -285,7 +426,8 @@ def main() -> int:
 
 
 def machine() -> str:
-    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
+    with open("/proc/cpuinfo") as f:
+        cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "?")
     return f"{os.cpu_count()} cores, {cpu}, Linux {os.uname().release}, Python {sys.version.split()[0]}"
 
 

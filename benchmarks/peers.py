@@ -1,7 +1,13 @@
 """The proxies compared, and the backends they front, each started pinned to its core.
 
-A Peer starts one proxy process for (proto, listen port, backend port). Config files for
+A Peer starts its proxy process(es) for (proto, listen port, backend port). Config files for
 nginx and HAProxy go into a scratch directory; every process is stopped by its pid.
+
+Protocols a command understands: "tcp", "udp" (datagrams answered one by one, as DNS or
+sockperf's ping-pong), "sctp", and two for iperf3 -u, whose UDP test needs its TCP control
+connection on the same port number: "tcp+udp" (one process serving both, as nginx's stream
+module can) and "udp-flow" (one long UDP flow, for a peer whose plain "udp" mode would not
+keep one: socat forks a child per datagram there).
 """
 
 from __future__ import annotations
@@ -15,6 +21,8 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+
+from measure import children
 
 PROXY_CPU = "0"  # the proxy under test
 LOAD_CPU = "1"  # load generator and backend
@@ -43,13 +51,21 @@ def wait_listening(port: int, proto: str = "tcp", timeout: float = 10) -> None:
 
 
 def stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
+    """SIGTERM proc, then its descendants: socat's children for UDP flows never end by themselves."""
+    if proc.poll() is not None:
+        return
+    kids = children(proc.pid)
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    for pid in kids:
         try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
 
 
 class Scratch:
@@ -64,14 +80,19 @@ class Scratch:
 
 
 def _nginx_stream(proto: str, port: int, backend: int) -> list[str]:
-    udp = " udp" if proto == "udp" else ""
+    listen = {"tcp": f"listen 127.0.0.1:{port};", "udp": f"listen 127.0.0.1:{port} udp;",
+              # proxy_pass follows each session's protocol. No proxy_responses here: with it,
+              # nginx ends the UDP session after the backend's first answer (iperf3's handshake)
+              # and the flood's next datagrams would come from a new source port, which
+              # iperf3's connected server socket drops.
+              "tcp+udp": f"listen 127.0.0.1:{port}; listen 127.0.0.1:{port} udp;"}[proto]
     extra = "proxy_responses 1; proxy_timeout 5s;" if proto == "udp" else ""
     conf = Scratch.file(f"nginx-stream-{port}.conf", f"""
 worker_processes 1; daemon off; pid {Scratch.dir}/nginx-{port}.pid; error_log /dev/null crit;
 load_module /usr/lib/nginx/modules/ngx_stream_module.so;
 events {{ worker_connections 20000; }}
 worker_rlimit_nofile 40000;
-stream {{ server {{ listen 127.0.0.1:{port}{udp}; proxy_pass 127.0.0.1:{backend}; {extra} }} }}
+stream {{ server {{ {listen} proxy_pass 127.0.0.1:{backend}; {extra} }} }}
 """)
     return ["nginx", "-c", conf, "-p", Scratch.dir]
 
@@ -96,6 +117,8 @@ listen p
 def _socat(proto: str, port: int, backend: int) -> list[str]:
     if proto == "udp":
         return ["socat", f"UDP4-RECVFROM:{port},bind=127.0.0.1,fork,reuseaddr", f"UDP4-SENDTO:127.0.0.1:{backend}"]
+    if proto == "udp-flow":  # a child per client address, connected to it, for the flow's life
+        return ["socat", f"UDP4-LISTEN:{port},bind=127.0.0.1,fork,reuseaddr", f"UDP4:127.0.0.1:{backend}"]
     return ["socat", f"TCP4-LISTEN:{port},bind=127.0.0.1,fork,reuseaddr,backlog=4096",
             f"TCP4:127.0.0.1:{backend}"]
 
@@ -126,12 +149,15 @@ class Peer:
 
     def start(self, proto: str, port: int, backend: int) -> subprocess.Popen | None:
         """The proxy process (None for "no proxy": the load goes straight to the backend)."""
-        if self.command is None:
-            return None
+        return None if self.command is None else self._spawn(proto, port, backend)
+
+    def _spawn(self, proto: str, port: int, backend: int) -> subprocess.Popen:
+        assert self.command is not None
         env = {**os.environ, "PYPROXY_ENGINE_SOCKET": ""}
         if not self.status_pipe:
             proc = pinned(PROXY_CPU, self.command(proto, port, backend), env=env)
-            wait_listening(port, proto)
+            for kind in proto.removesuffix("-flow").split("+"):
+                wait_listening(port, kind)
             return proc
         read_end, write_end = os.pipe()
         proc = pinned(PROXY_CPU, self.command(proto, port, backend), env=env, pass_fds=(3,),
@@ -143,14 +169,36 @@ class Peer:
             raise RuntimeError(f"{self.name} did not start: {status!r}")
         return proc
 
+    def serves(self, proto: str) -> bool:
+        return proto in self.protos or (proto == "tcp+udp" and {"tcp", "udp"} <= set(self.protos))
+
+    def start_all(self, proto: str, port: int, backend: int) -> list[subprocess.Popen]:
+        """Every process serving proto on port: two for "tcp+udp" when one can't serve both
+        (docker-proxy and pyproxy standalone are one protocol per process, as dockerd runs them)."""
+        if self.command is None:
+            return []
+        if proto != "tcp+udp" or proto in self.protos:
+            return [self._spawn(proto, port, backend)]
+        procs = [self._spawn("tcp", port, backend)]
+        try:
+            procs.append(self._spawn("udp-flow" if "udp-flow" in self.protos else "udp", port, backend))
+        except BaseException:
+            stop(procs[0])
+            raise
+        return procs
+
+    def key(self) -> str:
+        """The name as --peers takes it: "no proxy" is no-proxy."""
+        return self.name.replace(" ", "-")
+
 
 PEERS = [
     Peer("no proxy", None, ("tcp", "udp")),
     Peer("docker-proxy", _docker_proxy, ("tcp", "udp"), DOCKER_PROXY, status_pipe=True),
     Peer("pyproxy", _pyproxy(), ("tcp", "udp"), PYPROXY, status_pipe=True),
-    Peer("nginx", _nginx_stream, ("tcp", "udp"), "nginx"),
+    Peer("nginx", _nginx_stream, ("tcp", "udp", "tcp+udp"), "nginx"),
     Peer("haproxy", _haproxy, ("tcp",), "haproxy"),
-    Peer("socat", _socat, ("tcp", "udp"), "socat"),
+    Peer("socat", _socat, ("tcp", "udp", "udp-flow"), "socat"),
 ]
 
 
@@ -183,7 +231,17 @@ def sockperf_backend(port: int) -> subprocess.Popen:
     return proc
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def free_port(udp_too: bool = False) -> int:
+    """A free TCP port on 127.0.0.1; with udp_too, one whose UDP twin is free as well (iperf3 -u)."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port: int = s.getsockname()[1]
+            if not udp_too:
+                return port
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
+                try:
+                    u.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+                return port

@@ -22,9 +22,10 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 sys.path[:0] = [HERE, REPO]  # measure and peers; tests.sctpvm
 
-from measure import cpu_seconds  # noqa: E402
-from peers import LOAD_CPU, PEERS, free_port  # noqa: E402
-from tests import sctpvm  # noqa: E402
+from measure import cpu_seconds
+from peers import LOAD_CPU, PEERS, free_port
+
+from tests import sctpvm
 
 SOL_SCTP, SCTP_RECVRCVINFO, SCTP_SNDINFO = 132, 32, 2
 HOST = "127.0.0.1"
@@ -103,7 +104,7 @@ def run(seconds: float, size: int) -> None:
     ref = {name: (rate, cpu) for name, rate, cpu in rows}.get("docker-proxy")
     if ref:
         for name, rate, cpu in rows:
-            ratio = f"rate {rate / ref[0]:.2f}×" + (f", CPU per message {cpu / ref[1]:.2f}×" if cpu else "")
+            ratio = f"rate {rate / ref[0]:.2f}×" + (f", CPU per message {cpu / ref[1]:.2f}×" if cpu and ref[1] else "")
             print(f"  {name:13s} vs docker-proxy: {ratio}")
 
 

@@ -12,6 +12,7 @@ A healthy run is flat: RSS and fds level off after warm-up, errors stay at zero.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import re
@@ -24,8 +25,16 @@ import urllib.request
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from measure import cpu_seconds  # noqa: E402
-from peers import LOAD_CPU, PROXY_CPU, PYPROXY, free_port, http_backend, iperf_backend, stop  # noqa: E402
+from measure import cpu_seconds
+from peers import (
+    LOAD_CPU,
+    PROXY_CPU,
+    PYPROXY,
+    free_port,
+    http_backend,
+    iperf_backend,
+    stop,
+)
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
@@ -63,7 +72,7 @@ class Load:
 
     def _wrk(self, extra: list[str], conns: int) -> None:
         out = subprocess.run(["taskset", "-c", LOAD_CPU, "wrk", "-t1", f"-c{conns}", "-d5s", *extra,
-                              f"http://127.0.0.1:{self.tcp_port}/"], capture_output=True, text=True,
+                              f"http://127.0.0.1:{self.tcp_port}/"], check=False, capture_output=True, text=True,
                              timeout=60).stdout
         done = re.search(r"(\d+) requests in", out)
         self.requests += int(done[1]) if done else 0
@@ -99,7 +108,7 @@ class Load:
     def _bulk(self) -> None:
         while not self.stop.wait(25):
             out = subprocess.run(["taskset", "-c", LOAD_CPU, "iperf3", "-c", "127.0.0.1", "-p",
-                                  str(self.iperf_port), "-t", "5", "-J"], capture_output=True,
+                                  str(self.iperf_port), "-t", "5", "-J"], check=False, capture_output=True,
                                  text=True, timeout=60).stdout
             if '"error"' in out or not out:
                 self.errors["bulk"] += 1
@@ -188,8 +197,8 @@ def draw(samples: list[dict], path: str) -> None:  # type: ignore[type-arg]
         return
     t = [s["t"] / 60 for s in samples]
     fig, axes = plt.subplots(2, 2, figsize=(12, 7), sharex=True)
-    cpu = [0.0] + [100 * (b["cpu_s"] - a["cpu_s"]) / (b["t"] - a["t"]) for a, b in zip(samples, samples[1:])]
-    rate = [0.0] + [(b["connections"] - a["connections"]) / (b["t"] - a["t"]) for a, b in zip(samples, samples[1:])]
+    cpu = [0.0] + [100 * (b["cpu_s"] - a["cpu_s"]) / (b["t"] - a["t"]) for a, b in itertools.pairwise(samples)]
+    rate = [0.0] + [(b["connections"] - a["connections"]) / (b["t"] - a["t"]) for a, b in itertools.pairwise(samples)]
     for ax, values, title in (
         (axes[0][0], [s["rss_mib"] for s in samples], "RSS (MiB)"),
         (axes[0][1], [s["fds"] for s in samples], "open fds"),
