@@ -8,9 +8,8 @@ import hashlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
-from proxy.cli import config_from_args, build_parser
-from proxy.server import Server
-from proxy.statuspipe import StatusPipe
+from proxy.ground.flags import build_parser, config_from_args
+from proxy.modes.publication import Publication
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
@@ -51,14 +50,14 @@ def make_config(*argv: str) -> Any:
 
 
 @contextlib.asynccontextmanager
-async def proxy(*argv: str) -> AsyncIterator[Server]:
+async def proxy(*argv: str) -> AsyncIterator[Publication]:
     """pyproxy serving in this process; `server.relays[i].port` are the bound ports."""
-    server = Server(make_config(*argv), StatusPipe(None))
-    await server.start()
+    server = Publication(make_config(*argv), None)
+    await server.open()
     try:
         yield server
     finally:
-        await server.shutdown(drain=False)
+        await server.close()
 
 
 def tcp_proxy(backend_port: int, *extra: str, host_ip: str = "127.0.0.1",

@@ -18,7 +18,7 @@ import time
 
 import pytest
 
-from proxy.proxyproto import header
+from proxy.ground.proxyproto import header
 from tests.conftest import Proxy, free_port, needs_ipv6
 from tests.helpers import backend, tcp_proxy
 from tests.netns import Lab, needs_netns

@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proxy.cli import UsageError, build_parser, parse_config
-from proxy.config import (
+from proxy.ground.flags import UsageError, build_parser, parse_config
+from proxy.ground.config import (
     Config,
     PortRange,
     parse_cidr,

@@ -11,7 +11,7 @@ import urllib.request
 
 import pytest
 
-from proxy.wire import decode_reply, encode_argv, frame, unframe
+from proxy.ground.wire import decode_reply, encode_argv, frame, unframe
 from tests.conftest import Proxy, free_port, output
 from tests.test_contract import EchoBackend, docker_args, exchange
 

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from proxy.budget import FlowBudget, ephemeral_port_range, flow_limit
+from proxy.ground.budget import FlowBudget, ephemeral_port_range, flow_limit
 from tests.conftest import Proxy, free_port
 from tests.test_contract import EchoBackend, exchange
 from tests.test_observability import scrape, value

@@ -13,12 +13,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proxy.cli import UsageError, build_parser, parse_config
-from proxy.config import is_decimal, parse_duration, parse_ip, parse_port
-from proxy.listeners import StartupError
-from proxy.metrics import make_registry
-from proxy.privileges import drop_to
-from proxy.stats import DIAL_BUCKETS, MappingStats
+from proxy.ground.flags import UsageError, build_parser, parse_config
+from proxy.ground.config import is_decimal, parse_duration, parse_ip, parse_port
+from proxy.ground.sockets import StartupError
+from proxy.ground.metrics import make_registry
+from proxy.ground.privileges import drop_to
+from proxy.ground.stats import DIAL_BUCKETS, MappingStats
 from tests.conftest import Proxy, free_port
 from tests.helpers import backend, tcp_proxy
 from tests.test_contract import EchoBackend, docker_args, exchange

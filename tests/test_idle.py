@@ -9,8 +9,8 @@ import time
 
 import pytest
 
-from proxy.cli import UsageError, parse_config
-from proxy.metrics import make_registry
+from proxy.ground.flags import UsageError, parse_config
+from proxy.ground.metrics import make_registry
 from tests.conftest import Proxy, free_port
 from tests.helpers import backend, echo, tcp_proxy
 from tests.test_contract import EchoBackend, docker_args

@@ -13,7 +13,7 @@ import urllib.request
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from proxy.metrics import make_registry
+from proxy.ground.metrics import make_registry
 from tests.conftest import Proxy, free_port, output
 from tests.helpers import backend, tcp_proxy
 from tests.test_contract import EchoBackend, docker_args, exchange

@@ -12,7 +12,7 @@ import tomllib
 import pytest
 
 from proxy import __version__
-from proxy.cli import UsageError, build_parser, parse_config
+from proxy.ground.flags import UsageError, build_parser, parse_config
 from tests.conftest import REPO, Proxy, free_port, output
 from tests.test_contract import EchoBackend, exchange
 

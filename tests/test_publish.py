@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from proxy.listeners import StartupError
+from proxy.ground.sockets import StartupError
 from tests.conftest import Proxy, free_port, free_port_block, output
 from tests.helpers import backend, make_config, proxy
 from tests.netns import Lab, needs_netns
@@ -91,13 +91,12 @@ def test_repeatable_p_mixes_tcp_and_udp(proxies):
 async def test_all_or_nothing_when_one_mapping_cannot_bind(busy_port) -> None:
     busy = busy_port
     free = free_port()
-    from proxy.server import Server
-    from proxy.statuspipe import StatusPipe
+    from proxy.modes.publication import Publication
 
-    server = Server(make_config("-container-ip", "127.0.0.1", "-p", f"127.0.0.1:{free}:80",
-                                "-p", f"127.0.0.1:{busy}:81"), StatusPipe(None))
+    server = Publication(make_config("-container-ip", "127.0.0.1", "-p", f"127.0.0.1:{free}:80",
+                                     "-p", f"127.0.0.1:{busy}:81"), None)
     with pytest.raises(StartupError, match=f"listen tcp4 127.0.0.1:{busy}: bind: address already in use"):
-        await server.start()
+        await server.open()
     # the mapping that did bind was closed again
     again = socket.socket()
     again.bind(("127.0.0.1", free))

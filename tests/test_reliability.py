@@ -15,8 +15,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proxy.config import parse_cidr
-from proxy.tcp import HIGH_WATER
+from proxy.ground.config import parse_cidr
+from proxy.relays.tcp import HIGH_WATER
 from tests.conftest import Proxy, free_port, needs_ipv6, output
 from tests.helpers import backend, tcp_proxy
 from tests.test_contract import EchoBackend, docker_args, exchange

@@ -25,7 +25,7 @@ from typing import NamedTuple
 
 import pytest
 
-from proxy import sctp
+from proxy.relays import sctp
 from tests.conftest import Proxy, free_port, output
 from tests.sctpvm import kernel_has_sctp
 from tests.helpers import proxy

@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from proxy.udp import FlowTable
+from proxy.relays.udp import FlowTable
 from tests.conftest import free_port, needs_ipv6
 from tests.helpers import proxy
 

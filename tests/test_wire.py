@@ -1,4 +1,4 @@
-"""The engine protocol's framing (proxy.wire): pure functions, so every input is tried
+"""The engine protocol's framing (proxy.ground.wire): pure functions, so every input is tried
 (hypothesis) and none may raise anything but WireError, the error the engine answers."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from proxy.wire import (
+from proxy.ground.wire import (
     MAX_PAYLOAD,
     WireError,
     decode_argv,

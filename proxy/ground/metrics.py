@@ -7,7 +7,9 @@ client: a label per client would grow without bound. Imported only with -metrics
 from __future__ import annotations
 
 import platform
+import threading
 from collections.abc import Iterator, Mapping as MappingType
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Info, ProcessCollector, start_http_server
 from prometheus_client.core import (
@@ -19,9 +21,10 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from proxy import __version__
-from proxy.budget import process_budget
-from proxy.config import Mapping
-from proxy.stats import DIAL_BUCKETS, MappingStats
+from proxy.ground.budget import process_budget
+from proxy.ground.config import Mapping, format_hostport
+from proxy.ground.sockets import StartupError, go_strerror
+from proxy.ground.stats import DIAL_BUCKETS, MappingStats
 
 LABELS = ["proto", "host_ip", "host_port", "container_ip", "container_port"]
 
@@ -117,6 +120,19 @@ def make_registry(stats: MappingType[Mapping, MappingStats]) -> CollectorRegistr
     return registry
 
 
-def serve_metrics(addr: tuple[str, int], registry: CollectorRegistry):  # type: ignore[no-untyped-def]
-    """prometheus-client's own HTTP server, in its thread; returns (server, thread)."""
-    return start_http_server(addr[1], addr=addr[0], registry=registry)
+def start_metrics(addr: tuple[str, int], stats: MappingType[Mapping, MappingStats]) -> Any:
+    """The /metrics endpoint over `stats` (read at scrape time), served by prometheus-client's
+    HTTP server in its own thread; returns that server. StartupError if it can't listen."""
+    try:
+        server, _ = start_http_server(addr[1], addr=addr[0], registry=make_registry(stats))
+    except OSError as exc:
+        where = f"metrics: listen tcp {format_hostport(addr[0], addr[1])}"
+        raise StartupError(f"{where}: bind: {go_strerror(exc)}") from None
+    return server
+
+
+def stop_metrics(server: Any) -> None:
+    """Close the endpoint without waiting: shutdown() takes up to the server's 0.5 s poll
+    interval, and exit must never wait for it."""
+    threading.Thread(target=lambda: (server.shutdown(), server.server_close()),
+                     daemon=True).start()

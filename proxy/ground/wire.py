@@ -1,5 +1,6 @@
-"""The engine protocol's wire format, shared by the spawned pyproxy (proxy.launch) and the
-engine (proxy.engine): pure functions over bytes, strict, and cheap to import.
+"""The engine protocol's wire format, shared by the spawned pyproxy (proxy.handover) and the
+engine (proxy.modes.engine): where the engine listens, and pure functions over bytes, strict,
+and cheap to import.
 
 A frame is "<length>\\n<payload>": the length in ASCII decimal digits only (no sign, no
 underscore, no spaces), at most MAX_PAYLOAD. A request's payload is the argv, each argument
@@ -15,10 +16,17 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 
+ENGINE_SOCKET_ENV = "PYPROXY_ENGINE_SOCKET"
+DEFAULT_ENGINE_SOCKET = "/run/pyproxy/engine.sock"
 MAX_PAYLOAD = 64 * 1024  # an argv is a few hundred bytes; a reply a few lines
 _MAX_DIGITS = len(str(MAX_PAYLOAD))
 _DIGITS = frozenset(b"0123456789")
 STATUSES = (0, 1, 2)
+
+
+def engine_socket_path() -> str:
+    """Where the engine listens; an empty PYPROXY_ENGINE_SOCKET means never use one."""
+    return os.environ.get(ENGINE_SOCKET_ENV, DEFAULT_ENGINE_SOCKET)
 
 
 class WireError(ValueError):

@@ -8,8 +8,8 @@ from __future__ import annotations
 import os
 import pwd
 
-from proxy.config import is_decimal
-from proxy.listeners import StartupError
+from proxy.ground.config import is_decimal
+from proxy.ground.sockets import StartupError
 
 
 def drop_to(user: str) -> None:

@@ -10,7 +10,8 @@ import os
 import stat
 import sys
 
-STATUS_FD = 3
+STATUS_FD = 3  # the descriptors dockerd passes: the status pipe,
+LISTEN_FD = 4  # and, with -use-listen-fd, the socket it bound for us
 
 
 class StatusPipe:
@@ -29,10 +30,6 @@ class StatusPipe:
             return cls(None)  # some unrelated inherited file: never write into it
         os.set_inheritable(STATUS_FD, False)
         return cls(STATUS_FD)
-
-    @property
-    def is_open(self) -> bool:
-        return self._fd is not None
 
     def inherit_on_exec(self) -> bool:
         """Let a program we exec answer on fd 3 (the engine's waiter writes "0\\n" once its

@@ -1,6 +1,11 @@
 """What pyproxy serves: the frozen Mapping and Config, and the parsing of every value
 a user can write (addresses, ports, port ranges, durations, CIDRs, `-p` specs).
 
+Config is one command line: its mappings, the RelayOptions every relay of it is built from,
+and the ProcessOptions of the process serving it. Each flag's default is written once, on its
+field here (proxy.ground.flags shows and parses it from there). What each protocol can do
+(PROXY protocol versions, -transparent) is the CAPABILITIES table, not checks spread about.
+
 Pure logic, no I/O: each parser raises ValueError with a message that reads well after
 "invalid value ... for flag -x:", so the CLI can name the flag and the bad value.
 """
@@ -10,17 +15,36 @@ from __future__ import annotations
 import ipaddress
 import re
 import socket
-from collections.abc import Iterable
-from typing import Literal, Union
+from collections.abc import Callable, Iterable
+from typing import Any, Literal, Union
 
 import attrs
 from attrs import field, frozen
+
+from proxy.ground.wire import DEFAULT_ENGINE_SOCKET
 
 IPAddress = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
 IPNetwork = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
 Proto = Literal["tcp", "udp", "sctp"]
 
 PROTOCOLS: tuple[Proto, ...] = ("tcp", "udp", "sctp")
+
+
+@frozen
+class Capabilities:
+    """What a protocol's relay can do, for the flags that depend on it."""
+
+    proxy_protocol: frozenset[int]  # PROXY protocol versions it can send
+    transparent: bool  # -transparent (IP_TRANSPARENT dials)
+    unsupported: str = ""  # ends "argument -FLAG: " when a flag asks for what it cannot do
+
+
+# In the order flag errors are reported when a command line mixes protocols.
+CAPABILITIES: dict[Proto, Capabilities] = {
+    "sctp": Capabilities(frozenset(), False, "TCP and UDP only, not SCTP"),
+    "udp": Capabilities(frozenset({2}), True, "UDP needs v2 (v1 is text for TCP streams)"),
+    "tcp": Capabilities(frozenset({1, 2}), True),
+}
 MAX_PORT = 65535
 
 # Linux interface names: at most IFNAMSIZ-1 = 15 bytes, no '/', ':' or whitespace.
@@ -36,7 +60,7 @@ def is_decimal(text: str) -> bool:
 def parse_ip(text: str) -> IPAddress:
     """An IPv4 or IPv6 address; brackets around IPv6 are accepted ("[::1]"), and so is an
     IPv6 zone ("fe80::1%eth0"), which must name an interface (whether it exists is only
-    known when a socket uses it: see proxy.listeners)."""
+    known when a socket uses it: see proxy.ground.sockets)."""
     if text.startswith("[") and text.endswith("]"):
         text = text[1:-1]
     try:
@@ -109,10 +133,6 @@ def parse_duration(text: str) -> float:
     return total
 
 
-def format_duration(seconds: float) -> str:
-    return f"{seconds:g}s"
-
-
 def parse_cidr(text: str) -> IPNetwork:
     """A client network: "10.0.0.0/8", "2001:db8::/32", or a bare address (one host)."""
     try:
@@ -167,6 +187,15 @@ class Mapping:
 
     def backend(self) -> str:
         return format_hostport(self.container_ip, self.container_port)
+
+    @property
+    def backend_address(self) -> tuple[str, int]:
+        """The backend as connect() takes it."""
+        return str(self.container_ip), self.container_port
+
+    @property
+    def backend_family(self) -> socket.AddressFamily:
+        return family_of(self.container_ip)
 
     def docker_port_line(self, bound_port: int) -> str:
         """`docker port`'s format: "80/tcp -> 0.0.0.0:49153"."""
@@ -261,26 +290,55 @@ def _positive(instance: object, attribute: attrs.Attribute, value: float) -> Non
         raise ValueError(f"{attribute.name} must not be negative")
 
 
-@frozen
-class Config:
-    """Everything one pyproxy process serves and how; built once by the CLI, never changed."""
+def _option(text: str, parse: Callable[[str], Any], **kw: Any) -> Any:
+    """A field whose flag default is `text`, written as a user writes it ("90s"): the field
+    holds its parsed value, and -h shows the text (proxy.ground.flags reads it from here)."""
+    return field(default=parse(text), metadata={"flag_default": text}, **kw)
 
-    mappings: tuple[Mapping, ...] = field(converter=_mappings, default=())
-    use_listen_fd: bool = False
-    udp_timeout: float = field(default=90.0, validator=_positive)
-    udp_max_flows: int = field(default=16384, validator=_positive)
-    dial_timeout: float = field(default=30.0, validator=_positive)
-    dial_retry: float = field(default=0.0, validator=_positive)
-    max_conns: int = field(default=0, validator=_positive)
-    idle_timeout: float = field(default=0.0, validator=_positive)  # 0: never (docker-proxy)
+
+@frozen
+class RelayOptions:
+    """How every relay of a command line serves its mapping; all a relay is built from."""
+
+    udp_timeout: float = _option("90s", parse_duration, validator=_positive)
+    udp_max_flows: int = _option("16384", int, validator=_positive)
+    dial_timeout: float = _option("30s", parse_duration, validator=_positive)
+    dial_retry: float = _option("0", parse_duration, validator=_positive)
+    max_conns: int = _option("0", int, validator=_positive)
+    idle_timeout: float = _option("0", parse_duration, validator=_positive)  # 0: never
     allow: tuple[IPNetwork, ...] = field(default=(), converter=_networks)
     proxy_protocol: int = 0  # 0 (off), 1 or 2
     transparent: bool = False
+
+
+# Not slotted: Config inherits from both option classes, and only one base may have slots.
+@frozen(slots=False)
+class ProcessOptions:
+    """How the process serving a command line runs: its log, metrics, user, shutdown."""
+
     metrics_addr: tuple[str, int] | None = None
     log_level: str = "info"
     log_format: str = "text"
     log_file: str | None = None
-    drain_timeout: float = field(default=0.0, validator=_positive)
+    drain_timeout: float = _option("0", parse_duration, validator=_positive)
     user: str | None = None  # drop to this user once listening
-    engine: bool = False  # serve the mappings that spawned pyproxies hand over (proxy.engine)
-    engine_socket: str = "/run/pyproxy/engine.sock"
+    engine: bool = False  # serve the mappings that spawned pyproxies hand over (modes.engine)
+    engine_socket: str = DEFAULT_ENGINE_SOCKET
+
+
+@frozen
+class Config(RelayOptions, ProcessOptions):
+    """One command line, built once by proxy.ground.flags, never changed: what it publishes
+    (mappings, and whether its socket came on fd 4), and both kinds of options (read
+    `relay_options()` to build relays)."""
+
+    mappings: tuple[Mapping, ...] = field(converter=_mappings, default=())
+    use_listen_fd: bool = False
+
+    def relay_options(self) -> RelayOptions:
+        """Only the per-relay options: what a relay is built from, and all it can see."""
+        return RelayOptions(**{f.name: getattr(self, f.name) for f in attrs.fields(RelayOptions)})
+
+    def process_options(self) -> ProcessOptions:
+        return ProcessOptions(**{f.name: getattr(self, f.name)
+                                 for f in attrs.fields(ProcessOptions)})

@@ -15,7 +15,7 @@ import sys
 import time
 from typing import Any
 
-from proxy.config import Config
+from proxy.ground.config import ProcessOptions
 
 log = logging.getLogger("pyproxy")
 
@@ -126,7 +126,7 @@ def _refuse_unless_file(mode: int) -> None:
     raise OSError(f"is {kind}; give a regular file, a character device or 'syslog'")
 
 
-def setup_logging(config: Config) -> logging.Handler:
+def setup_logging(config: ProcessOptions) -> None:
     """Configure the "pyproxy" logger; raises OSError naming the file if it can't be opened."""
     handler: logging.Handler
     if config.log_file == "syslog":
@@ -152,7 +152,6 @@ def setup_logging(config: Config) -> logging.Handler:
     log.handlers[:] = [handler]
     log.setLevel(config.log_level.upper())
     log.propagate = False
-    return handler
 
 
 def reopen_log_file() -> None:

@@ -13,7 +13,7 @@ import asyncio
 from collections.abc import Collection
 from typing import Protocol
 
-from proxy.stats import MappingStats
+from proxy.ground.stats import MappingStats
 
 
 class Quiet(Protocol):

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import socket
 
-from proxy.access import client_ip
-from proxy.config import IPAddress, family_of
-from proxy.listeners import StartupError, go_strerror
+from proxy.ground.access import client_ip
+from proxy.ground.config import IPAddress, family_of
+from proxy.ground.sockets import StartupError, go_strerror
 
 IP_TRANSPARENT = getattr(socket, "IP_TRANSPARENT", 19)  # <linux/in.h>
 IPV6_TRANSPARENT = getattr(socket, "IPV6_TRANSPARENT", 75)  # <linux/in6.h>

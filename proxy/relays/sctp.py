@@ -21,12 +21,11 @@ import socket
 import struct
 from time import perf_counter
 
-from proxy.access import AllowList
-from proxy.config import Config, Mapping, family_of
-from proxy.idle import IdleSweeper
-from proxy.listeners import go_strerror, set_buffer_size
-from proxy.stats import MappingStats
-from proxy.tcp import RETRY_CAP, RETRY_FIRST, dial_error
+from proxy.ground.access import AllowList
+from proxy.ground.config import Mapping, RelayOptions
+from proxy.ground.sockets import Backoff, abort, dial_error, go_strerror, set_buffer_size
+from proxy.ground.stats import MappingStats
+from proxy.relays.idle import IdleSweeper
 
 log = logging.getLogger("pyproxy")
 
@@ -58,7 +57,6 @@ BURST = 64  # messages per wake-up before other sockets get a turn
 # from answering on stream 10 and up; each stream costs the kernel a few dozen bytes per
 # association, only for streams the client also accepts.
 CLIENT_STREAMS = 1024
-_LINGER_ABORT = struct.pack("ii", 1, 0)  # close() sends an ABORT instead of a SHUTDOWN
 _DEFAULT_SNDINFO = SNDINFO.pack(0, 0, 0, 0, 0)
 
 
@@ -89,15 +87,6 @@ def send_info(ancillary: list[tuple[int, int, bytes]]) -> bytes:
             sid, _, flags, ppid, *_ = RCVINFO.unpack_from(data)
             return SNDINFO.pack(sid, flags & SCTP_UNORDERED, ppid, 0, 0)
     return _DEFAULT_SNDINFO
-
-
-def abort(sock: socket.socket) -> None:
-    """Close with an ABORT, so the peer can tell a failure from a clean end."""
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_ABORT)
-    except OSError:
-        pass
-    sock.close()
 
 
 class _Direction:
@@ -286,7 +275,7 @@ class Association:
 class SctpListener:
     """Serves one SCTP mapping: accepts associations, dials the container for each, relays."""
 
-    def __init__(self, mapping: Mapping, port: int, config: Config, stats: MappingStats) -> None:
+    def __init__(self, mapping: Mapping, port: int, config: RelayOptions, stats: MappingStats) -> None:
         self.mapping = mapping
         self.port = port
         self.stats = stats
@@ -297,12 +286,16 @@ class SctpListener:
         self.idle_timeout = config.idle_timeout
         self.connections: set[Association] = set()
         self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]  # set in start()
-        self._backend = (str(mapping.container_ip), mapping.container_port)
+        self._backend = mapping.backend_address
         self._sock: socket.socket | None = None
         self._paused: asyncio.TimerHandle | None = None
         self._idle: IdleSweeper | None = None
 
-    async def start(self, sock: socket.socket) -> None:
+    @property
+    def open_count(self) -> int:
+        return len(self.connections)
+
+    async def start(self, sock: socket.socket, *, adopted: bool = False) -> None:
         self.loop = asyncio.get_running_loop()
         self._sock = sock
         set_listener_options(sock)
@@ -379,8 +372,7 @@ class SctpListener:
         (A plain asyncio.timeout() per dial: TCP's one-sweeper-per-listener saves a timer per
         connection on its hot path, and is bound to its Protocol pair; associations are few.)"""
         started = perf_counter()  # not loop.time(): see TcpListener.dial
-        deadline = started + self.dial_retry
-        wait = RETRY_FIRST
+        backoff = Backoff(started, self.dial_retry)
         try:
             async with asyncio.timeout(self.dial_timeout or None):
                 while True:
@@ -388,10 +380,8 @@ class SctpListener:
                         container = await self._connect(assoc.client)
                         break
                     except ConnectionRefusedError:
-                        if perf_counter() + wait > deadline:
+                        if not await backoff.retry():
                             raise
-                        await asyncio.sleep(wait)
-                        wait = min(wait * 2, RETRY_CAP)
         except (OSError, ValueError) as exc:  # TimeoutError is an OSError
             return self._dial_failed(assoc, exc)
         assoc.dial = None
@@ -402,7 +392,7 @@ class SctpListener:
         """A connected backend socket whose streams mirror the client's association: as many
         outbound as the client may use toward us, no more inbound than we can pass on."""
         inbound, outbound = stream_counts(client)
-        sock = socket.socket(family_of(self.mapping.container_ip), socket.SOCK_STREAM, SOL_SCTP)
+        sock = socket.socket(self.mapping.backend_family, socket.SOCK_STREAM, SOL_SCTP)
         try:
             sock.setblocking(False)
             set_association_options(sock)

@@ -1,18 +1,31 @@
-"""Opening the frontend socket of a mapping: bind it ourselves, or adopt the one on fd 4.
+"""Sockets, the project's shared vocabulary for them: StartupError and Go-worded errors, the
+socket options every relay sets, opening a mapping's frontend socket (bind it ourselves, or
+adopt the one on fd 4), closing with a reset, and the -dial-retry backoff.
 
 Errors read like docker-proxy's (Go's net package), because dockerd shows them to the user
 verbatim: "listen tcp4 0.0.0.0:80: bind: address already in use".
+
+The socket kind of each protocol (_KINDS) is the one table here that knows the protocols.
 """
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import os
 import socket
+import struct
+from time import perf_counter
+from typing import TYPE_CHECKING
 
-from proxy.config import IPAddress, Mapping, is_decimal
+from attrs import frozen
 
-LISTEN_FD = 4
+from proxy.ground.config import IPAddress, Mapping, Proto, is_decimal
+from proxy.ground.statuspipe import LISTEN_FD
+
+if TYPE_CHECKING:
+    from asyncio import Transport
+
 BACKLOG = 4096  # capped by net.core.somaxconn
 KEEPALIVE_SECONDS = 15  # Go's default TCP keepalive period, which docker-proxy inherits
 
@@ -36,17 +49,25 @@ def _network(mapping: Mapping) -> str:
     return f"{mapping.proto}{'6' if mapping.family == socket.AF_INET6 else '4'}"
 
 
-_IP_PROTOCOLS = {"tcp": socket.IPPROTO_TCP, "udp": socket.IPPROTO_UDP, "sctp": socket.IPPROTO_SCTP}
+@frozen
+class _Kind:
+    """How a protocol's frontend socket is made and checked."""
+
+    type: int  # SOCK_STREAM or SOCK_DGRAM
+    proto: int  # socket()'s protocol argument (0: the type's default)
+    ip_proto: int  # what an adopted socket's SO_PROTOCOL must be
+    stream_options: bool  # TCP_NODELAY and keepalive, inherited by every accepted socket
+    missing: str = ""  # what to say when the kernel has no such socket
+
+
+_KINDS: dict[Proto, _Kind] = {
+    "tcp": _Kind(socket.SOCK_STREAM, 0, socket.IPPROTO_TCP, True),
+    "udp": _Kind(socket.SOCK_DGRAM, 0, socket.IPPROTO_UDP, False),
+    "sctp": _Kind(socket.SOCK_STREAM, socket.IPPROTO_SCTP, socket.IPPROTO_SCTP, False,
+                  " (this kernel has no SCTP; load the sctp module)"),
+}
 _SOCKET_NAMES = {socket.IPPROTO_TCP: "a TCP socket", socket.IPPROTO_UDP: "a UDP socket",
                  socket.IPPROTO_SCTP: "an SCTP socket"}
-
-
-def _sock_type(mapping: Mapping) -> tuple[int, int]:
-    if mapping.proto == "udp":
-        return socket.SOCK_DGRAM, 0
-    if mapping.proto == "sctp":
-        return socket.SOCK_STREAM, socket.IPPROTO_SCTP
-    return socket.SOCK_STREAM, 0
 
 
 def set_stream_options(sock: socket.socket) -> None:
@@ -100,24 +121,23 @@ def check_zones(mapping: Mapping, where: str) -> None:
 
 def bind_listener(mapping: Mapping, port: int) -> socket.socket:
     """A bound (and for streams, listening) socket for the mapping on `port`."""
-    kind, proto = _sock_type(mapping)
+    spec = _KINDS[mapping.proto]
+    kind = spec.type
     where = f"listen {_network(mapping)} {mapping.frontend(port)}"
     check_zones(mapping, where)
     try:
-        sock = socket.socket(mapping.family, kind, proto)
+        sock = socket.socket(mapping.family, kind, spec.proto)
     except OSError as exc:
-        if mapping.proto == "sctp" and exc.errno in (errno.EPROTONOSUPPORT, errno.ESOCKTNOSUPPORT):
-            raise StartupError(
-                f"{where}: socket: {go_strerror(exc)} (this kernel has no SCTP; load the sctp module)"
-            ) from None
-        raise StartupError(f"{where}: socket: {go_strerror(exc)}") from None
+        missing = exc.errno in (errno.EPROTONOSUPPORT, errno.ESOCKTNOSUPPORT)
+        raise StartupError(
+            f"{where}: socket: {go_strerror(exc)}{spec.missing if missing else ''}") from None
     try:
         if mapping.family == socket.AF_INET6:
             # "::" means IPv6 only: an IPv4 client must never reach a port published for IPv6.
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         if kind == socket.SOCK_STREAM:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if mapping.proto == "tcp":
+        if spec.stream_options:
             set_stream_options(sock)  # copied by Linux into every accepted socket: no per-accept cost
         if mapping.interface:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, mapping.interface.encode())
@@ -151,19 +171,83 @@ def adopt_listen_fd(mapping: Mapping, fd: int | None = LISTEN_FD) -> socket.sock
     except OSError as exc:
         raise StartupError(f"{where}: {go_strerror(exc)}") from None
     os.set_inheritable(fd, False)
-    if sock.family not in (socket.AF_INET, socket.AF_INET6) or sock.proto != _IP_PROTOCOLS[mapping.proto]:
+    spec = _KINDS[mapping.proto]
+    if sock.family not in (socket.AF_INET, socket.AF_INET6) or sock.proto != spec.ip_proto:
         wanted = mapping.proto.upper()
         got = _SOCKET_NAMES.get(sock.proto) if sock.family in (socket.AF_INET, socket.AF_INET6) else None
         # Close our copy: dockerd keeps its own, and in the engine this copy would leak.
         sock.close()
         what = f"{got}, not {wanted}" if got else f"not an IP socket of {wanted}"
         raise StartupError(f"{where}: fd {LISTEN_FD} is {what}")
-    expected_kind, _ = _sock_type(mapping)
-    if expected_kind == socket.SOCK_STREAM:
+    if spec.type == socket.SOCK_STREAM:
         if not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
             sock.close()
             raise StartupError(f"{where}: fd {LISTEN_FD} is not listening")
-    if mapping.proto == "tcp":
+    if spec.stream_options:
         set_stream_options(sock)
     sock.setblocking(False)
     return sock
+
+
+# -- closing with a reset ----------------------------------------------------------------------
+
+_LINGER_RESET = struct.pack("ii", 1, 0)  # close() sends an RST (TCP) or an ABORT (SCTP)
+
+
+def linger_reset(sock: socket.socket) -> None:
+    """Make this socket's close a reset rather than a FIN (SCTP: an ABORT, not a SHUTDOWN),
+    so the peer can tell a failure from a clean end."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+    except OSError:
+        pass
+
+
+def reset(transport: Transport) -> None:
+    """Close a transport's connection with a reset (see linger_reset)."""
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        linger_reset(sock)
+    transport.abort()
+
+
+def abort(sock: socket.socket) -> None:
+    """Close a socket with a reset (see linger_reset)."""
+    linger_reset(sock)
+    sock.close()
+
+
+# -- dialling the backend ----------------------------------------------------------------------
+
+# -dial-retry: wait between attempts at a backend that refuses (doubling up to the cap).
+RETRY_FIRST, RETRY_CAP = 0.05, 0.5
+
+
+def dial_error(exc: BaseException) -> str:
+    """Why a dial failed, in Go's words ("connection refused"). The loops word the same
+    failure differently (the standard loop's sock_connect says "Connect call failed (...)");
+    the errno says it plainly."""
+    if isinstance(exc, TimeoutError):
+        return "timed out"
+    if isinstance(exc, OSError) and exc.errno:
+        return go_strerror(exc)
+    return str(exc)
+
+
+class Backoff:
+    """-dial-retry's schedule for one dial: after a refusal, wait 50 ms, doubling up to 0.5 s,
+    until the next wait would end past `retry` seconds from `started` (a perf_counter())."""
+
+    __slots__ = ("deadline", "wait")
+
+    def __init__(self, started: float, retry: float) -> None:
+        self.deadline = started + retry
+        self.wait = RETRY_FIRST
+
+    async def retry(self) -> bool:
+        """Wait before the next attempt; False (at once) if it would end past the deadline."""
+        if perf_counter() + self.wait > self.deadline:
+            return False
+        await asyncio.sleep(self.wait)
+        self.wait = min(self.wait * 2, RETRY_CAP)
+        return True

@@ -5,7 +5,7 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Iterable
 
-from proxy.config import IPAddress, IPNetwork
+from proxy.ground.config import IPAddress, IPNetwork
 
 
 def client_ip(host: str) -> IPAddress:

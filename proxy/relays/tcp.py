@@ -4,7 +4,7 @@ Each accepted client gets one backend connection, dialled after accept. The pair
 asyncio Protocols that write each received bytes object straight into the other transport:
 no stream readers, no per-connection task on the data path. Flow control is the transports'
 own: when one side's write buffer passes its high-water mark, the other side stops reading.
-A direction that turns out to be a bulk transfer is handed to proxy.splice (zero-copy).
+A direction that turns out to be a bulk transfer is handed to proxy.relays.splice (zero-copy).
 """
 
 from __future__ import annotations
@@ -16,13 +16,13 @@ import struct
 from time import perf_counter
 from typing import TYPE_CHECKING, cast
 
-from proxy import proxyproto, transparent
-from proxy.access import AllowList
-from proxy.config import Config, Mapping, family_of
-from proxy.idle import IdleSweeper
-from proxy.listeners import BACKLOG, go_strerror, set_keepalive
-from proxy.splice import SPLICE_AFTER, SPLICE_MIN_READ, Splicer
-from proxy.stats import MappingStats
+from proxy.ground import proxyproto, transparent
+from proxy.ground.access import AllowList
+from proxy.ground.config import Mapping, RelayOptions
+from proxy.ground.sockets import BACKLOG, Backoff, dial_error, reset, set_keepalive
+from proxy.ground.stats import MappingStats
+from proxy.relays.idle import IdleSweeper
+from proxy.relays.splice import SPLICE_AFTER, SPLICE_MIN_READ, Splicer
 
 if TYPE_CHECKING:
     from asyncio import BaseTransport, Transport
@@ -36,24 +36,9 @@ HIGH_WATER = 256 * 1024
 LOW_WATER = 64 * 1024
 # Bytes a client may send before its backend connection exists; beyond this we stop reading.
 EARLY_DATA_LIMIT = 256 * 1024
-# -dial-retry: wait between attempts at a backend that refuses (doubling up to the cap).
-RETRY_FIRST, RETRY_CAP = 0.05, 0.5
-
-_LINGER_RESET = struct.pack("ii", 1, 0)
 # struct tcp_info (<linux/tcp.h>): tcpi_last_data_recv, milliseconds since data last arrived.
 _LAST_DATA_RECV = struct.Struct("I")
 _LAST_DATA_RECV_OFFSET = 52
-
-
-def reset(transport: Transport) -> None:
-    """Close with an RST rather than a FIN, so the peer can tell a failure from a clean end."""
-    sock = transport.get_extra_info("socket")
-    if sock is not None:
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
-        except OSError:
-            pass
-    transport.abort()
 
 
 def quiet_seconds(transport: Transport) -> float:
@@ -67,21 +52,11 @@ def quiet_seconds(transport: Transport) -> float:
     return _LAST_DATA_RECV.unpack_from(info, _LAST_DATA_RECV_OFFSET)[0] / 1000
 
 
-def dial_error(exc: BaseException) -> str:
-    """Why a dial failed, in Go's words ("connection refused"). The loops word the same
-    failure differently (the standard loop's sock_connect says "Connect call failed (...)");
-    the errno says it plainly."""
-    if isinstance(exc, TimeoutError):
-        return "timed out"
-    if isinstance(exc, OSError) and exc.errno:
-        return go_strerror(exc)
-    return str(exc)
-
-
 class _Side(asyncio.Protocol):
     """One end of a relayed connection. `peer` is the other end, once it exists."""
 
-    __slots__ = ("transport", "peer", "eof", "stats", "loop", "big_reads", "splicer")
+    __slots__ = ("transport", "peer", "eof", "stats", "loop", "big_reads", "can_splice",
+                 "splicer")
 
     def __init__(self, stats: MappingStats, loop: asyncio.AbstractEventLoop) -> None:
         self.transport: Transport | None = None
@@ -90,6 +65,7 @@ class _Side(asyncio.Protocol):
         self.stats = stats
         self.loop = loop
         self.big_reads = 0  # full-size reads seen: a bulk direction switches to splice
+        self.can_splice = True  # False once a Splicer could not be made (no fds for it)
         self.splicer: Splicer | None = None
 
     def connection_made(self, transport: BaseTransport) -> None:
@@ -111,16 +87,21 @@ class _Side(asyncio.Protocol):
             else:
                 peer.transport.write_eof()
 
-    def big_read(self, counter: str) -> None:
+    def count(self, size: int) -> None:
+        """Count `size` bytes received on this side (the Splicer counts what it moves here)."""
+        raise NotImplementedError
+
+    def big_read(self) -> None:
         """A full-size read: after a few, relay this direction with splice if we can."""
         self.big_reads += 1
         peer = self.peer
-        if (self.big_reads >= SPLICE_AFTER and self.splicer is None and peer is not None
-                and peer.transport is not None and peer.transport.get_write_buffer_size() == 0):
+        if (self.big_reads >= SPLICE_AFTER and self.splicer is None and self.can_splice
+                and peer is not None and peer.transport is not None
+                and peer.transport.get_write_buffer_size() == 0):
             try:
-                self.splicer = Splicer(self, counter)
+                self.splicer = Splicer(self)
             except OSError:
-                self.big_reads = -(1 << 30)  # no fds for it: stay on the copying path
+                self.can_splice = False  # no fds for it: stay on the copying path
 
     # Backpressure: our transport's buffer is full, so stop reading what fills it.
     def pause_writing(self) -> None:
@@ -173,7 +154,7 @@ class ContainerSide(_Side):
         # one for every option.
         wrapper = transport.get_extra_info("socket")
         if wrapper is not None:
-            sock = socket.socket(client.listener.backend_family, socket.SOCK_STREAM,
+            sock = socket.socket(client.listener.mapping.backend_family, socket.SOCK_STREAM,
                                  socket.IPPROTO_TCP, wrapper.fileno())
             try:
                 set_keepalive(sock)
@@ -189,7 +170,10 @@ class ContainerSide(_Side):
         self.peer.transport.write(data)  # type: ignore[union-attr]
         self.stats.bytes_from_container += len(data)
         if len(data) >= SPLICE_MIN_READ:
-            self.big_read("bytes_from_container")
+            self.big_read()
+
+    def count(self, size: int) -> None:
+        self.stats.bytes_from_container += size
 
 
 class ClientSide(_Side):
@@ -233,13 +217,16 @@ class ClientSide(_Side):
         if peer is not None:
             peer.transport.write(data)  # type: ignore[union-attr]
             if len(data) >= SPLICE_MIN_READ:
-                self.big_read("bytes_from_client")
+                self.big_read()
         else:
             self.early.append(data)
             self.early_size += len(data)
             if self.early_size > EARLY_DATA_LIMIT:
                 self.transport.pause_reading()  # type: ignore[union-attr]
         self.stats.bytes_from_client += len(data)
+
+    def count(self, size: int) -> None:
+        self.stats.bytes_from_client += size
 
     def eof_received(self) -> bool:
         if self.peer is None:
@@ -290,7 +277,7 @@ class ClientSide(_Side):
 class TcpListener:
     """Serves one TCP mapping: accepts clients, dials the container for each, relays."""
 
-    def __init__(self, mapping: Mapping, port: int, config: Config, stats: MappingStats) -> None:
+    def __init__(self, mapping: Mapping, port: int, config: RelayOptions, stats: MappingStats) -> None:
         self.mapping = mapping
         self.port = port
         self.stats = stats
@@ -305,13 +292,16 @@ class TcpListener:
         # Dials under way, by when their current attempt began; oldest first (see _sweep_dials).
         self.dialing: dict[ClientSide, float] = {}
         self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]  # set in start()
-        self._backend = (str(mapping.container_ip), mapping.container_port)
-        self.backend_family = family_of(mapping.container_ip)
+        self._backend = mapping.backend_address
         self._server: asyncio.AbstractServer | None = None
         self._sweeper: asyncio.TimerHandle | None = None
         self._idle: IdleSweeper | None = None
 
-    async def start(self, sock: socket.socket) -> None:
+    @property
+    def open_count(self) -> int:
+        return len(self.connections)
+
+    async def start(self, sock: socket.socket, *, adopted: bool = False) -> None:
         # Kept: asyncio.get_running_loop() costs a getpid() system call on every call.
         self.loop = asyncio.get_running_loop()
         # create_server listens again; without our backlog it would shrink the queue to 100.
@@ -369,8 +359,7 @@ class TcpListener:
         # perf_counter, not loop.time(): uvloop's clock ticks in whole milliseconds, and a dial
         # on loopback or a bridge takes tens of microseconds (the histogram would see only 0).
         started = perf_counter()
-        deadline = started + self.dial_retry
-        wait = RETRY_FIRST
+        backoff = Backoff(started, self.dial_retry)
         header = None
         if self.proxy_protocol:
             t = client.transport
@@ -387,10 +376,8 @@ class TcpListener:
                     break
                 except ConnectionRefusedError as exc:
                     del dialing[client]  # not dialling while it waits to retry
-                    if perf_counter() + wait > deadline:
+                    if not await backoff.retry():
                         return self._dial_failed(client, exc)
-                    await asyncio.sleep(wait)
-                    wait = min(wait * 2, RETRY_CAP)
                 except (OSError, ValueError) as exc:
                     return self._dial_failed(client, exc)
         except asyncio.CancelledError:
@@ -408,7 +395,7 @@ class TcpListener:
             return
         # From the client's address: we make and bind the socket, the loop does the rest.
         # (IPPROTO_TCP, not 0: the standard loop sets TCP_NODELAY only on sockets that say TCP.)
-        sock = socket.socket(self.backend_family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+        sock = socket.socket(self.mapping.backend_family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         try:
             sock.setblocking(False)
             assert client.transport is not None

@@ -1,4 +1,5 @@
 """Command line -> Config, with Go `flag` syntax so dockerd can run pyproxy as docker-proxy.
+Below the modes: the standalone entry and the engine (for each registration) both parse here.
 
 `-flag value`, `-flag=value` and `--flag value` all work; booleans are `-b` or `-b=true`.
 `-h` prints usage and exits 0; a bad flag or value exits 2 naming it. No networking here.
@@ -9,14 +10,14 @@ from __future__ import annotations
 import argparse
 import functools
 import os
-import sys
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
 import attrs
 
 from proxy import __version__
-from proxy.config import (
+from proxy.ground.config import (
+    CAPABILITIES,
     PROTOCOLS,
     Config,
     Mapping,
@@ -28,8 +29,7 @@ from proxy.config import (
     parse_ip,
     parse_publish,
 )
-from proxy.launch import DEFAULT_ENGINE_SOCKET, ENGINE_SOCKET_ENV, engine_socket_path
-from proxy.statuspipe import StatusPipe
+from proxy.ground.wire import DEFAULT_ENGINE_SOCKET, ENGINE_SOCKET_ENV, engine_socket_path
 
 USAGE_EXIT = 2
 DOCKER_CONTAINER_IP = "0.0.0.0"  # docker-proxy's -container-ip default
@@ -85,6 +85,12 @@ def _parse_metrics_addr(text: str) -> tuple[str, int]:
             "write 127.0.0.1:PORT, or 0.0.0.0:PORT if you mean it"
         )
     return str(parse_ip(host)), int(port)
+
+
+def _default(name: str) -> Any:
+    """A flag's default as the user would write it, from its Config field (said once there)."""
+    field = attrs.fields_dict(Config)[name]
+    return field.metadata.get("flag_default", field.default)
 
 
 def _parse_choice(*choices: str) -> Callable[[str], str]:
@@ -197,28 +203,28 @@ def build_parser() -> argparse.ArgumentParser:
     flag("p", None, None, "publish [IP:|IFACE:]HOSTPORT[-END]:CONTAINERPORT[-END][/tcp|/udp|/sctp] "
          "(repeatable; backend address from -container-ip; default: none)", action="append",
          metavar="SPEC")
-    flag("udp-timeout", parse_duration, "90s", "UDP flow idle timeout", metavar="D")
-    flag("udp-max-flows", _parse_count, "16384", "cap on UDP flows per mapping; the idlest is "
+    flag("udp-timeout", parse_duration, _default("udp_timeout"), "UDP flow idle timeout", metavar="D")
+    flag("udp-max-flows", _parse_count, _default("udp_max_flows"), "cap on UDP flows per mapping; the idlest is "
          "evicted when full (0: no per-mapping cap; the process-wide budget still applies)",
          metavar="N")
-    flag("dial-timeout", parse_duration, "30s", "backend connect timeout (0: none)", metavar="D")
-    flag("dial-retry", parse_duration, "0", "retry a refused backend for up to D", metavar="D")
-    flag("max-conns", _parse_count, "0",
+    flag("dial-timeout", parse_duration, _default("dial_timeout"), "backend connect timeout (0: none)", metavar="D")
+    flag("dial-retry", parse_duration, _default("dial_retry"), "retry a refused backend for up to D", metavar="D")
+    flag("max-conns", _parse_count, _default("max_conns"),
          "cap on concurrent TCP connections (SCTP associations) per listener; 0: none", metavar="N")
-    flag("idle-timeout", parse_duration, "0",
+    flag("idle-timeout", parse_duration, _default("idle_timeout"),
          "close a TCP connection (SCTP association) with no bytes either way for D; 0: never",
          metavar="D")
     flag("allow", parse_cidr, None, "only clients in this CIDR may connect (repeatable; "
          "default: every client)", action="append", metavar="CIDR")
-    flag("proxy-protocol", _parse_proxy_protocol, 0,
+    flag("proxy-protocol", _parse_proxy_protocol, _default("proxy_protocol"),
          "send a PROXY protocol header, v1 or v2 (default: off)", metavar="v1|v2")
     boolean("transparent", "connect to the container from the client's own address "
             "(IP_TRANSPARENT; needs CAP_NET_ADMIN and policy routing)")
     flag("metrics-addr", _parse_metrics_addr, None,
          "serve Prometheus metrics on HOST:PORT (default: off)", metavar="HOST:PORT")
-    flag("log-level", _parse_choice("debug", "info", "warning", "error"), "info",
+    flag("log-level", _parse_choice("debug", "info", "warning", "error"), _default("log_level"),
          "debug, info, warning or error")
-    flag("log-format", _parse_choice("text", "json"), "text", "text or json")
+    flag("log-format", _parse_choice("text", "json"), _default("log_format"), "text or json")
     flag("log-file", None, None, "log to PATH, a file or device (reopened on SIGHUP), or "
          "'syslog' (default: stderr)", metavar="PATH")
     flag("user", None, None, "once every port is bound, run as this user, name or uid "
@@ -227,7 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
     flag("engine-socket", None, engine_socket_path(),
          f"the engine's Unix socket (default: ${ENGINE_SOCKET_ENV} or {DEFAULT_ENGINE_SOCKET})",
          metavar="PATH")
-    flag("drain-timeout", parse_duration, "0",
+    flag("drain-timeout", parse_duration, _default("drain_timeout"),
          "on SIGTERM, let open connections finish for up to D (default: 0, exit at once)",
          metavar="D")
     return parser
@@ -314,13 +320,14 @@ def config_from_args(args: argparse.Namespace) -> Config:
     if args.transparent and args.proxy_protocol:
         raise UsageError("argument -transparent: the container already sees the client; "
                          "drop -proxy-protocol")
-    if any(m.proto == "sctp" for m in mappings):
-        for flag_name in ("proxy_protocol", "transparent"):
-            if getattr(args, flag_name):
-                raise UsageError(f"argument -{flag_name.replace('_', '-')}: TCP and UDP only, "
-                                 "not SCTP")
-    if args.proxy_protocol == 1 and any(m.proto == "udp" for m in mappings):
-        raise UsageError("argument -proxy-protocol: UDP needs v2 (v1 is text for TCP streams)")
+    protos = {m.proto for m in mappings}
+    for proto, can in CAPABILITIES.items():
+        if proto not in protos:
+            continue
+        if args.proxy_protocol and args.proxy_protocol not in can.proxy_protocol:
+            raise UsageError(f"argument -proxy-protocol: {can.unsupported}")
+        if args.transparent and not can.transparent:
+            raise UsageError(f"argument -transparent: {can.unsupported}")
     # Every pyproxy flag's dest is a Config field of the same name (tests/test_config.py
     # keeps them in step), so the rest of the Config is read straight off the flags.
     own = {f.name: getattr(args, f.name) for f in attrs.fields(Config) if f.name != "mappings"}
@@ -344,21 +351,3 @@ def parse_config(argv: Sequence[str]) -> Config | None:
         print(f"pyproxy version {__version__}")
         return None
     return config_from_args(args)
-
-
-def main(argv: Sequence[str] | None = None, status: StatusPipe | None = None) -> int:
-    """`status`: fd 3 as proxy.launch found it before opening anything (read here if None)."""
-    if status is None:
-        status = StatusPipe.from_environment()
-    try:
-        config = parse_config(sys.argv[1:] if argv is None else argv)
-    except UsageError as exc:
-        build_parser().print_usage(sys.stderr)
-        status.fail(str(exc))  # under a runtime, the error reaches the user through fd 3
-        return USAGE_EXIT
-    if config is None:
-        return 0
-    # Imported here: asyncio and uvloop cost tens of milliseconds that -h and -v need not pay.
-    from proxy.server import run
-
-    return run(config, status)

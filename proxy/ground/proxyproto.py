@@ -7,8 +7,8 @@ from __future__ import annotations
 import ipaddress
 import struct
 
-from proxy.access import client_ip
-from proxy.config import IPAddress
+from proxy.ground.access import client_ip
+from proxy.ground.config import IPAddress
 
 V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
 _V2_COMMAND_PROXY = 0x21  # version 2 in the high nibble, command PROXY in the low one

@@ -1,7 +1,7 @@
 """Per-mapping counters that the relays bump on their hot paths.
 
 Plain ints on a slotted object: an increment is one attribute store, no locks, no labels.
-The Prometheus collector (proxy.metrics) reads them only when scraped.
+The Prometheus collector (proxy.ground.metrics) reads them only when scraped.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ The container sees one stable source port per client, and its replies go back to
 from the address the client sent to (IP_PKTINFO / IPV6_PKTINFO). Flows idle out after
 -udp-timeout, counted from the last datagram in either direction; when the table is full the
 idlest flow makes room. Flows of every mapping in the process also draw on one budget
-(proxy.budget): when it is spent, or the system has no socket or port left, the busiest
+(proxy.ground.budget): when it is spent, or the system has no socket or port left, the busiest
 mapping's idlest flow makes room, so a flood can't take the fds or ports that others need.
 Datagrams are read with recvmsg() in a loop until the socket is empty, so one wake-up of the
 event loop serves a whole burst.
@@ -21,13 +21,13 @@ from typing import Any
 
 from attrs import define
 
-from proxy import proxyproto, transparent
-from proxy.access import AllowList
-from proxy.budget import FlowBudget, process_budget
-from proxy.config import Config, Mapping, family_of
-from proxy.listeners import go_strerror, set_buffer_size
-from proxy.logs import Throttle
-from proxy.stats import MappingStats
+from proxy.ground import proxyproto, transparent
+from proxy.ground.access import AllowList
+from proxy.ground.budget import FlowBudget, process_budget
+from proxy.ground.config import Mapping, RelayOptions
+from proxy.ground.sockets import go_strerror, set_buffer_size
+from proxy.ground.logs import Throttle
+from proxy.ground.stats import MappingStats
 
 log = logging.getLogger("pyproxy")
 
@@ -106,7 +106,7 @@ def enable_pktinfo(sock: socket.socket) -> None:
 class UdpRelay:
     """Serves one UDP mapping."""
 
-    def __init__(self, mapping: Mapping, port: int, config: Config, stats: MappingStats,
+    def __init__(self, mapping: Mapping, port: int, config: RelayOptions, stats: MappingStats,
                  budget: FlowBudget | None = None) -> None:
         self.mapping = mapping
         self.port = port
@@ -120,8 +120,8 @@ class UdpRelay:
         self.allow = AllowList(config.allow)
         self.proxy_protocol = config.proxy_protocol
         self.transparent = config.transparent
-        self._backend = (str(mapping.container_ip), mapping.container_port)
-        self._backend_family = family_of(mapping.container_ip)
+        self._backend = mapping.backend_address
+        self._backend_family = mapping.backend_family
         self._loop: asyncio.AbstractEventLoop | None = None
         self._sock: socket.socket | None = None
         self._sweeper: asyncio.TimerHandle | None = None
@@ -136,7 +136,17 @@ class UdpRelay:
         self._loop.add_reader(sock.fileno(), self._from_clients)
         self._schedule_sweep()
 
-    def stop(self) -> None:
+    @property
+    def open_count(self) -> int:
+        return len(self.flows)
+
+    def abort_all(self) -> int:
+        """Nothing left to abort: stop_accepting() has ended every flow already (a datagram
+        flow has nothing to drain)."""
+        return 0
+
+    def stop_accepting(self) -> None:
+        """Stop reading the frontend socket and end every flow."""
         if self._loop is None or self._sock is None:
             return
         self._loop.remove_reader(self._sock.fileno())

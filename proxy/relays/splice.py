@@ -2,9 +2,9 @@
 
 Through the transports, every byte is copied into a Python bytes object and out again. For
 a sustained transfer that copying is most of the proxy's CPU, so once a direction has shown
-it is bulk (several full-size reads in a row) it switches to splice: the data never leaves
-the kernel. Chatty connections never switch: for small messages splice costs the same two
-system calls as read and write, plus a pipe.
+it is bulk (several full-size reads over the connection's life, not necessarily in a row) it
+switches to splice: the data never leaves the kernel. Chatty connections never switch: for
+small messages splice costs the same two system calls as read and write, plus a pipe.
 
 A Splicer takes over one direction. The source transport stops reading (we read through a
 dup of its fd, since event loops refuse a reader on a transport's own fd); the destination
@@ -15,12 +15,34 @@ the source until it drains. EOF, errors and closing follow the transport relay's
 
 from __future__ import annotations
 
+import asyncio
 import fcntl
 import os
-from typing import TYPE_CHECKING
+from typing import Protocol
 
-if TYPE_CHECKING:
-    from proxy.tcp import _Side
+from proxy.ground.sockets import reset
+from proxy.ground.stats import MappingStats
+
+
+class Spliceable(Protocol):
+    """The side of a relayed connection a Splicer drives (proxy.relays.tcp's sides): it reads
+    through `transport`, writes to `peer`, and counts what the Splicer moves with count()."""
+
+    splicer: Splicer | None
+
+    @property
+    def transport(self) -> asyncio.Transport | None: ...
+    @property
+    def peer(self) -> Spliceable | None: ...
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop: ...
+    @property
+    def stats(self) -> MappingStats: ...
+
+    def count(self, size: int) -> None: ...
+
+    def ended(self) -> None: ...
+
 
 # Switch after this many reads of at least SPLICE_MIN_READ bytes (see benchmarks/README.md
 # for how the point was measured).
@@ -34,10 +56,11 @@ _FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
 class Splicer:
     """Relays src's incoming bytes to src.peer with splice, until EOF, an error or a close."""
 
-    def __init__(self, src: _Side, counter: str) -> None:
+    def __init__(self, src: Spliceable) -> None:
         dst = src.peer
         assert dst is not None and src.transport is not None and dst.transport is not None
-        self.src, self.dst, self.counter = src, dst, counter
+        self.src, self.dst = src, dst
+        self.count = src.count
         self.loop = src.loop
         self.pending = 0  # bytes in the pipe
         self.src_fd = self.dst_fd = self.pipe_r = self.pipe_w = -1
@@ -58,7 +81,7 @@ class Splicer:
 
     def _pump(self) -> None:
         """Source readable (or destination writable again): move bytes until one side blocks."""
-        stats = self.src.stats
+        count = self.count
         while True:
             if self.pending == 0:
                 try:
@@ -70,7 +93,7 @@ class Splicer:
                 if moved == 0:
                     return self._source_ended()
                 self.pending = moved
-                setattr(stats, self.counter, getattr(stats, self.counter) + moved)
+                count(moved)
             try:
                 self.pending -= os.splice(self.pipe_r, self.dst_fd, self.pending, flags=_FLAGS)
             except BlockingIOError:
@@ -98,8 +121,6 @@ class Splicer:
         src.ended()  # the FIN goes on, as with the transports
 
     def _failed(self, exc: OSError) -> None:
-        from proxy.tcp import reset
-
         src, dst = self.src, self.dst
         self.stop()
         # as connection_lost(exc) would: an error on one side is a reset on the other

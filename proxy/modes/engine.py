@@ -1,9 +1,9 @@
 """The engine (`pyproxy -engine`): one long-lived process serving the mappings of every
 pyproxy that dockerd spawns, so a thousand published ports cost one event loop, not a
-thousand interpreters. See proxy.launch for the spawned side of the handshake.
+thousand interpreters. See proxy.handover for the spawned side of the handshake.
 
 Protocol, over a Unix stream socket (0600, owner only, in a directory only its owner or root
-can write), framed as in proxy.wire: the spawned process sends its argv, with fd 4 attached
+can write), framed as in proxy.ground.wire: the spawned process sends its argv, with fd 4 attached
 (SCM_RIGHTS) when it has one; the engine answers 0 with the `docker port` lines, or 1 (or 2,
 usage) with the error. After a 0 the connection is the mapping's lifetime: "stop" (answered
 "ok" once the port is released) or EOF drops the mapping.
@@ -21,16 +21,17 @@ import os
 import socket
 import stat
 import struct
+from typing import Any
 
-import attrs
 
-from proxy.cli import UsageError, config_from_args, parse_args
-from proxy.config import Config, Mapping
-from proxy.listeners import StartupError, go_strerror
-from proxy.server import Server, start_metrics, wait_for_stop_signal
-from proxy.stats import MappingStats
-from proxy.statuspipe import StatusPipe
-from proxy.wire import MAX_PAYLOAD, WireError, decode_argv, encode_reply, unframe
+from proxy.ground.config import Config, Mapping, ProcessOptions
+from proxy.ground.flags import UsageError, config_from_args, parse_args
+from proxy.ground.sockets import StartupError, go_strerror
+from proxy.ground.stats import MappingStats
+from proxy.ground.statuspipe import StatusPipe
+from proxy.ground.wire import MAX_PAYLOAD, WireError, decode_argv, encode_reply, unframe
+from proxy.modes.publication import Publication
+from proxy.modes.signals import wait_for_stop_signal
 
 log = logging.getLogger("pyproxy")
 
@@ -38,9 +39,10 @@ REQUEST_TIMEOUT = 5.0  # a spawned pyproxy sends its request at once; an idle pe
 ANSWER_TIMEOUT = 10.0  # dockerd gives up on "0\n" after 16 s: answer well before
 _UCRED = struct.Struct("3i")  # pid, uid, gid
 _FD_SPACE = socket.CMSG_SPACE(4)  # room for one fd (two, aligned): the kernel closes any more
-_DEFAULTS = {f.name: f.default for f in attrs.fields(Config)}
-# Settings of the whole engine process: a registration that asks for its own gets a usage
-# error saying why, rather than being served without it.
+_PROCESS_DEFAULTS = ProcessOptions()
+# The engine process's own options: a registration that asks for its own gets a usage error
+# saying why, rather than being served without it. (-engine-socket only says where the
+# spawned pyproxy found us.)
 _ENGINE_WIDE = {
     "metrics_addr": "the engine serves one /metrics for every mapping; give -metrics-addr "
                     "to `pyproxy -engine`",
@@ -101,7 +103,7 @@ def _config_for(request: bytes) -> Config:
                          "not through the engine")
     config = config_from_args(args)
     for name, why in _ENGINE_WIDE.items():
-        if getattr(config, name) != _DEFAULTS[name]:
+        if getattr(config, name) != getattr(_PROCESS_DEFAULTS, name):
             raise UsageError(f"argument -{name.replace('_', '-')}: not through the engine "
                              f"({why}){_STANDALONE_HINT}")
     return config
@@ -139,7 +141,8 @@ class Engine:
         self.config = config
         self.path = config.engine_socket
         self.stats: dict[Mapping, MappingStats] = {}  # every registration's, for /metrics
-        self.servers: set[Server] = set()
+        self.publications: set[Publication] = set()
+        self._metrics: Any = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._socket_id: tuple[int, int] | None = None  # (st_dev, st_ino) of the socket we made
 
@@ -209,7 +212,9 @@ class Engine:
         try:
             listener = self._listen()
             if self.config.metrics_addr:
-                start_metrics(self.config.metrics_addr, self.stats)
+                from proxy.ground.metrics import start_metrics  # only paid for when asked
+
+                self._metrics = start_metrics(self.config.metrics_addr, self.stats)
         except StartupError as exc:
             log.error("cannot start: %s", exc)
             status.fail(str(exc))
@@ -222,9 +227,13 @@ class Engine:
         accepting.cancel()
         listener.close()
         self._unlink_own_socket()
-        for server in list(self.servers):
-            await server.shutdown(drain=False)
-        log.info("engine stopped; released %d mapping(s)", len(self.servers))
+        if self._metrics is not None:
+            from proxy.ground.metrics import stop_metrics
+
+            stop_metrics(self._metrics)
+        for publication in list(self.publications):
+            await publication.close()
+        log.info("engine stopped; released %d mapping(s)", len(self.publications))
         return 0
 
     async def _accept(self, listener: socket.socket) -> None:
@@ -251,7 +260,7 @@ class Engine:
         closed connection, never in an exception out of the task or the engine."""
         conn.setblocking(False)
         fds: list[int] = []
-        server: Server | None = None
+        publication: Publication | None = None
         pid = 0
         try:
             pid, uid = self._peer(conn)
@@ -275,7 +284,7 @@ class Engine:
                 await self._reply(conn, 2, str(exc))
                 return
             try:
-                server = await asyncio.wait_for(self._start(config, fds), ANSWER_TIMEOUT)
+                publication = await asyncio.wait_for(self._start(config, fds), ANSWER_TIMEOUT)
             except TimeoutError:
                 log.warning("engine: pid %d: could not start %s within %gs", pid,
                             ", ".join(map(str, config.mappings)), ANSWER_TIMEOUT)
@@ -289,12 +298,12 @@ class Engine:
                 for fd in fds:  # passed but not adopted: close it now, not at the mapping's end
                     os.close(fd)
                 fds.clear()
-            lines = server.mapping_lines()
+            lines = publication.lines()
             log.info("serving %s", ", ".join(lines))
             await self._reply(conn, 0, "\n".join(lines))
             stop = await self._held_until_stop(conn)
-            await self._release(server)
-            server = None
+            await self._release(publication)
+            publication = None
             if stop:
                 await self._reply_raw(conn, b"ok\n")
         except asyncio.CancelledError:
@@ -302,33 +311,33 @@ class Engine:
         except (Exception, SystemExit) as exc:  # noqa: BLE001 -- one registration must not end the rest
             log.error("engine: registration from pid %d failed: %r", pid, exc)
             await self._reply(conn, 1, f"engine: internal error: {exc!r}")
-            if server is not None:
-                await self._release(server)
+            if publication is not None:
+                await self._release(publication)
         finally:
             for fd in fds:
                 os.close(fd)
             conn.close()
 
-    async def _start(self, config: Config, fds: list[int]) -> Server:
+    async def _start(self, config: Config, fds: list[int]) -> Publication:
         """Open the mapping (adopting the passed socket if -use-listen-fd); StartupError if not."""
         listen_fd = fds.pop(0) if (config.use_listen_fd and fds) else None
-        server = Server(config, StatusPipe(None), listen_fd=listen_fd)
+        publication = Publication(config, listen_fd)
         try:
-            await server.start()
+            await publication.open()
         except StartupError:
             if listen_fd is not None and _not_a_socket(listen_fd):
                 os.close(listen_fd)  # never wrapped in a socket object, so still ours to close
             raise
-        self.servers.add(server)
-        self.stats.update(server.stats)
-        return server
+        self.publications.add(publication)
+        self.stats.update(publication.stats)
+        return publication
 
-    async def _release(self, server: Server) -> None:
-        self.servers.discard(server)
-        for mapping in server.stats:
+    async def _release(self, publication: Publication) -> None:
+        self.publications.discard(publication)
+        for mapping in publication.stats:
             self.stats.pop(mapping, None)
-        await server.shutdown(drain=False)
-        log.info("released %s", ", ".join(server.mapping_lines()))
+        await publication.close()
+        log.info("released %s", ", ".join(publication.lines()))
 
     async def _held_until_stop(self, conn: socket.socket) -> bool:
         """True if the waiter asked to stop, False if the connection just ended."""

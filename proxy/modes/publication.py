@@ -1,0 +1,93 @@
+"""A publication: the relays of one command line, opened all or nothing, described by their
+`docker port` lines, closed together. Standalone serves one; the engine one per registration.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import socket
+
+from proxy.ground import transparent
+from proxy.ground.config import Config, Mapping
+from proxy.ground.sockets import StartupError, adopt_listen_fd, bind_listener
+from proxy.ground.stats import MappingStats
+from proxy.relays import Relay, make_relay
+
+log = logging.getLogger("pyproxy")
+
+
+class Publication:
+    """The relays of one command line. `listen_fd` is where -use-listen-fd finds its socket
+    (4 in a spawned process, another fd in the engine, None if none was passed)."""
+
+    def __init__(self, config: Config, listen_fd: int | None) -> None:
+        self.mappings = config.mappings
+        self.options = config.relay_options()
+        self.use_listen_fd = config.use_listen_fd
+        self.listen_fd = listen_fd
+        self.relays: list[Relay] = []
+        self.stats: dict[Mapping, MappingStats] = {}
+
+    async def open(self) -> None:
+        """Open every mapping; if one fails, close the others and raise (all or nothing)."""
+        try:
+            for mapping in self.mappings:
+                await self._open(mapping)
+        except BaseException:
+            self.stop_accepting()
+            raise
+
+    async def _open(self, mapping: Mapping) -> None:
+        if self.options.transparent:
+            transparent.check_allowed(mapping.container_ip)
+        adopted = self.use_listen_fd
+        if adopted:
+            sock, port = adopt_listen_fd(mapping, self.listen_fd), mapping.host_port
+        else:
+            sock, port = bind_first_free(mapping)
+        published = mapping.with_port(port)
+        stats = self.stats.setdefault(published, MappingStats())
+        relay = make_relay(published, port, self.options, stats)
+        await relay.start(sock, adopted=adopted)
+        self.relays.append(relay)
+
+    def lines(self) -> list[str]:
+        """What this publishes, in `docker port` format."""
+        return [relay.mapping.docker_port_line(relay.port) for relay in self.relays]
+
+    def stop_accepting(self) -> None:
+        for relay in self.relays:
+            relay.stop_accepting()
+
+    async def close(self, drain_timeout: float = 0.0) -> None:
+        """Stop accepting; with a drain_timeout, let connections finish for up to that long;
+        close the rest."""
+        self.stop_accepting()
+        if drain_timeout > 0:
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + drain_timeout
+            while any(r.open_count for r in self.relays) and loop.time() < deadline:
+                await asyncio.sleep(0.05)
+        aborted = sum(r.abort_all() for r in self.relays)
+        log.info("stopped; closed %d open connection(s)", aborted)
+        await asyncio.sleep(0)  # let the transports' connection_lost callbacks run
+
+
+def bind_first_free(mapping: Mapping) -> tuple[socket.socket, int]:
+    """Bind the mapping's port, or the first free one of its range (docker's 8000-8010:80)."""
+    last_error: StartupError | None = None
+    for port in mapping.host_ports:
+        try:
+            sock = bind_listener(mapping, port)
+        except StartupError as exc:
+            last_error = exc
+            if exc.errno == errno.EADDRINUSE:
+                continue
+            raise
+        return sock, sock.getsockname()[1]
+    assert last_error is not None
+    if len(mapping.host_ports) > 1:
+        raise StartupError(f"{last_error} (every port of {mapping.host_ports} is taken)")
+    raise last_error
