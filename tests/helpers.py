@@ -1,15 +1,281 @@
-"""Backends and an in-process proxy for relay tests (the relay runs on the test's own loop)."""
+"""Test helpers, the one home for them (conftest.py holds only fixtures and hooks): free ports,
+the pyproxy subprocess harness (spawned with dockerd's fd layout), blocking and asyncio
+backends, the in-process proxy (a Publication on the test's own loop), and metrics scraping.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import hashlib
+import os
+import random
+import select
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
 from proxy.ground.flags import build_parser, config_from_args
 from proxy.modes.publication import Publication
+
+# -- ports and addresses ---------------------------------------------------------------------
+
+def has_ipv6() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+needs_ipv6 = pytest.mark.skipif(not has_ipv6(), reason="no IPv6 loopback on this machine")
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = map(int, open("/proc/sys/net/ipv4/ip_local_port_range").read().split())
+        return low, high
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
+_EPHEMERAL = _ephemeral_range()
+_rng = random.Random()
+_handed_out: set[int] = set()  # a port is free when checked; it must also not be given twice
+
+
+def free_port(host: str = "127.0.0.1", kind: int = socket.SOCK_STREAM) -> int:
+    """A free port *outside* the kernel's ephemeral range: a kernel-chosen port could be taken
+    by an outgoing connection (a client's, or the proxy's dial) before the test binds it."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    low = 10000 if _EPHEMERAL[0] > 12000 else _EPHEMERAL[1] + 1
+    high = _EPHEMERAL[0] - 1 if _EPHEMERAL[0] > 12000 else 65535
+    for _ in range(200):
+        port = _rng.randint(low, high)
+        if port in _handed_out:
+            continue
+        with socket.socket(family, kind) as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+        if kind == socket.SOCK_STREAM:  # the UDP twin too, for tests that publish both
+            with socket.socket(family, socket.SOCK_DGRAM) as u:
+                try:
+                    u.bind((host, port))
+                except OSError:
+                    continue
+        _handed_out.add(port)
+        return port
+    raise RuntimeError("no free port outside the ephemeral range")
+
+
+def free_port_block(count: int, host: str = "127.0.0.1") -> int:
+    """The first of `count` consecutive free TCP ports."""
+    for _ in range(100):
+        base = free_port(host)
+        if base + count > 65535:
+            continue
+        socks = []
+        try:
+            for port in range(base, base + count):
+                s = socket.socket()
+                socks.append(s)
+                s.bind((host, port))
+            _handed_out.update(range(base, base + count))
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError("no block of free ports")
+
+
+class Proxy:
+    """A pyproxy subprocess started with a status pipe on fd 3, as dockerd starts it.
+    Every one is killed when its test ends, whatever the test did (see reap_proxies)."""
+
+    started: list[Proxy] = []
+
+    def __init__(self, args: list[str], *, pass_fds: dict[int, int] | None = None,
+                 env: dict[str, str] | None = None, preexec=None, wait_ready: bool = True,
+                 prefix: list[str] | None = None) -> None:
+        read_end, write_end = os.pipe()
+        fds = {3: write_end, **(pass_fds or {})}
+        self.proc = spawn(args, fds, env=env, preexec=preexec, prefix=prefix)
+        Proxy.started.append(self)
+        os.close(write_end)
+        self.status = read_status(read_end)
+        os.close(read_end)
+        if wait_ready and self.status != b"0\n":
+            out, err = self.stop()
+            raise AssertionError(f"pyproxy did not start: {self.status!r} {err!r}")
+
+    def stop(self, signum: int = signal.SIGTERM, timeout: float = 5) -> tuple[bytes, bytes]:
+        """Signal, wait, and return what it printed (stdout, stderr)."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signum)
+        try:
+            self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        return output(self.proc)
+
+
+def output(proc: subprocess.Popen) -> tuple[bytes, bytes]:
+    """What a spawned pyproxy wrote to stdout and stderr (files, see spawn)."""
+    result = []
+    for f in proc.output_files:  # type: ignore[attr-defined]
+        f.seek(0)
+        result.append(f.read())
+    return result[0], result[1]
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def spawn(args: list[str], fds: dict[int, int], *, env=None, preexec=None,
+          prefix: list[str] | None = None) -> subprocess.Popen:
+    """Run pyproxy with `fds` placed at exactly those descriptor numbers in the child
+    (behind `prefix`, such as `ip netns exec NS`, which keeps them)."""
+
+    def place_fds() -> None:
+        # dup2 via scratch copies so that a source fd equal to a target is not clobbered, then
+        # close the sources: a stray copy of the status pipe's write end would hide its EOF.
+        scratch = {target: os.dup(src) for target, src in fds.items()}
+        for src in set(fds.values()) - set(fds):
+            os.close(src)
+        for target, dup in scratch.items():
+            os.dup2(dup, target, inheritable=True)
+            os.close(dup)
+        if preexec:
+            preexec()
+
+    # Standalone unless a test hands an engine's socket: an engine elsewhere on the machine
+    # must not change what a test exercises.
+    full_env = {**os.environ, "PYPROXY_ENGINE_SOCKET": "", **(env or {})}
+    # Output goes to files, not pipes: a child must never block on a pipe nobody reads yet.
+    files = (tempfile.TemporaryFile(), tempfile.TemporaryFile())
+    proc = subprocess.Popen(
+        [*(prefix or []), sys.executable, "-m", "proxy", *args], cwd=REPO,
+        stdout=files[0], stderr=files[1], close_fds=True,
+        # subprocess closes every fd not listed here *after* preexec_fn has placed them
+        pass_fds=sorted(set(fds.values()) | set(fds)), preexec_fn=place_fds, env=full_env,
+    )
+    proc.output_files = files  # type: ignore[attr-defined]
+    return proc
+
+
+def read_status(fd: int, timeout: float = 20) -> bytes:
+    """What pyproxy wrote on fd 3, read the way dockerd reads it: until EOF."""
+    data = b""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([fd], [], [], deadline - time.monotonic())
+        if not ready:
+            break
+        chunk = os.read(fd, 4096)
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+# -- the subprocess harness, as dockerd and the engine are used ------------------------------
+
+def exchange(host: str, port: int, payload: bytes = b"ping") -> bytes:
+    with socket.create_connection((host, port), timeout=5) as s:
+        s.sendall(payload)
+        s.shutdown(socket.SHUT_WR)
+        out = b""
+        while chunk := s.recv(65536):
+            out += chunk
+        return out
+
+
+def docker_args(host_port: int, backend_port: int, host_ip: str = "127.0.0.1",
+                proto: str = "tcp") -> list[str]:
+    """The exact command line dockerd uses."""
+    return ["-proto", proto, "-host-ip", host_ip, "-host-port", str(host_port),
+            "-container-ip", "127.0.0.1", "-container-port", str(backend_port)]
+
+
+def spawn_via(path: str, args: list[str], **kw) -> Proxy:  # type: ignore[no-untyped-def]
+    return Proxy(args, env={"PYPROXY_ENGINE_SOCKET": path}, **kw)
+
+
+def cmdline(pid: int) -> str:
+    return open(f"/proc/{pid}/cmdline").read().replace("\0", " ")
+
+
+def refused(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()
+        return False
+    except ConnectionRefusedError:
+        return True
+
+
+# -- blocking backends (threads: the test process needs no event loop) ------------------------
+
+class EchoBackend:
+    """A threaded blocking echo server, so the test process needs no event loop."""
+
+    def __init__(self, host: str = "127.0.0.1") -> None:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.sock = socket.socket(family, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind((host, 0))
+        self.sock.listen(1024)
+        self.port = self.sock.getsockname()[1]
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._echo, args=(conn,), daemon=True).start()
+
+    @staticmethod
+    def _echo(conn: socket.socket) -> None:
+        with conn:
+            try:
+                while data := conn.recv(65536):
+                    conn.sendall(data)
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)  # wakes the thread blocked in accept()
+        except OSError:
+            pass
+        self.sock.close()
+
+
+def udp_exchange(dest: tuple, payload: bytes) -> tuple[bytes, tuple]:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as c:
+        c.settimeout(5)
+        c.sendto(payload, dest)
+        return c.recvfrom(65536)
+
+
+# -- asyncio backends and the in-process proxy ---------------------------------------------
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
@@ -69,3 +335,54 @@ def tcp_proxy(backend_port: int, *extra: str, host_ip: str = "127.0.0.1",
 
 def sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+class UdpBackend(asyncio.DatagramProtocol):
+    """Answers each datagram with b"re:" + payload (or the payload alone for big ones) and
+    records the source address of every datagram it saw."""
+
+    def __init__(self) -> None:
+        self.sources: list[tuple] = []
+        self.transport: asyncio.DatagramTransport | None = None
+
+    def connection_made(self, transport) -> None:  # type: ignore[no-untyped-def]
+        self.transport = transport
+
+    def datagram_received(self, data: bytes, addr) -> None:  # type: ignore[no-untyped-def]
+        self.sources.append(addr)
+        assert self.transport is not None
+        self.transport.sendto(data if len(data) > 60000 else b"re:" + data, addr)
+
+
+@contextlib.asynccontextmanager
+async def udp_backend(host: str = "127.0.0.1", port: int = 0) -> AsyncIterator[tuple[int, UdpBackend]]:
+    loop = asyncio.get_running_loop()
+    transport, backend = await loop.create_datagram_endpoint(UdpBackend, local_addr=(host, port))
+    try:
+        yield transport.get_extra_info("sockname")[1], backend
+    finally:
+        transport.close()
+
+
+def udp_proxy(backend_port: int, *extra: str, host_ip: str = "127.0.0.1",
+              container_ip: str = "127.0.0.1"):  # type: ignore[no-untyped-def]
+    return proxy("-proto", "udp", "-host-ip", host_ip, "-host-port", "0",
+                 "-container-ip", container_ip, "-container-port", str(backend_port), *extra)
+
+
+# -- metrics ----------------------------------------------------------------------------------
+
+def scrape(port: int) -> dict[tuple[str, frozenset], float]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            samples[s.name, frozenset(s.labels.items())] = s.value
+    return samples
+
+
+def value(samples: dict, name: str, **labels: str) -> float:
+    """Sum of the samples named `name` whose labels include `labels`."""
+    want = set(labels.items())
+    return sum(v for (n, ls), v in samples.items() if n == name and want <= ls)

@@ -19,11 +19,18 @@ import time
 import pytest
 
 from proxy.ground.proxyproto import header
-from tests.conftest import Proxy, free_port, needs_ipv6
-from tests.helpers import backend, tcp_proxy
+from tests.helpers import (
+    Proxy,
+    UdpBackend,
+    backend,
+    docker_args,
+    free_port,
+    needs_ipv6,
+    tcp_proxy,
+    udp_backend,
+    udp_proxy,
+)
 from tests.netns import Lab, needs_netns
-from tests.test_contract import docker_args
-from tests.test_udp import UdpBackend, udp_backend, udp_proxy
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -81,9 +88,9 @@ http {{
 
 
 @pytest.mark.parametrize("version", ["v1", "v2"])
-def test_nginx_reads_the_real_client_address(version, nginx_proxy_protocol, proxies):
+def test_nginx_reads_the_real_client_address(version, nginx_proxy_protocol):
     port = free_port()
-    proxies.append(Proxy([*docker_args(port, nginx_proxy_protocol), "-proxy-protocol", version]))
+    Proxy([*docker_args(port, nginx_proxy_protocol), "-proxy-protocol", version])
     client = socket.socket()
     client.bind(("127.0.0.2", 0))  # not the proxy's own address: nginx must be told
     client.connect(("127.0.0.1", port))
@@ -294,7 +301,7 @@ async def test_dial_timeout_against_a_backend_that_never_answers() -> None:
 
 # -- draining ---------------------------------------------------------------------------------
 
-def test_drain_on_sigterm_finishes_an_inflight_transfer(proxies):
+def test_drain_on_sigterm_finishes_an_inflight_transfer():
     payload = os.urandom(6 * 1024 * 1024)
     lsock = socket.socket()
     lsock.bind(("127.0.0.1", 0))

@@ -9,7 +9,6 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proxy.ground.flags import UsageError, build_parser, parse_config
 from proxy.ground.config import (
     Config,
     PortRange,
@@ -17,6 +16,7 @@ from proxy.ground.config import (
     parse_duration,
     parse_publish,
 )
+from proxy.ground.flags import UsageError, build_parser, parse_config
 
 IP = ipaddress.ip_address
 

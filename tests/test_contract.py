@@ -9,82 +9,28 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 
 import pytest
 
-from tests.conftest import Proxy, free_port, needs_ipv6, output, spawn
+from tests.helpers import (
+    Proxy,
+    docker_args,
+    exchange,
+    free_port,
+    needs_ipv6,
+    output,
+    spawn,
+    udp_exchange,
+)
 from tests.sctpvm import kernel_has_sctp
 
 pytestmark = pytest.mark.timeout(60)
 
 
-class EchoBackend:
-    """A threaded blocking echo server, so the test process needs no event loop."""
-
-    def __init__(self, host: str = "127.0.0.1") -> None:
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        self.sock = socket.socket(family, socket.SOCK_STREAM)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind((host, 0))
-        self.sock.listen(1024)
-        self.port = self.sock.getsockname()[1]
-        threading.Thread(target=self._serve, daemon=True).start()
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._echo, args=(conn,), daemon=True).start()
-
-    @staticmethod
-    def _echo(conn: socket.socket) -> None:
-        with conn:
-            try:
-                while data := conn.recv(65536):
-                    conn.sendall(data)
-            except OSError:
-                pass
-
-    def close(self) -> None:
-        try:
-            self.sock.shutdown(socket.SHUT_RDWR)  # wakes the thread blocked in accept()
-        except OSError:
-            pass
-        self.sock.close()
-
-
-@pytest.fixture
-def echo_backend():
-    b = EchoBackend()
-    yield b
-    b.close()
-
-
-def exchange(host: str, port: int, payload: bytes = b"ping") -> bytes:
-    with socket.create_connection((host, port), timeout=5) as s:
-        s.sendall(payload)
-        s.shutdown(socket.SHUT_WR)
-        out = b""
-        while chunk := s.recv(65536):
-            out += chunk
-        return out
-
-
-def docker_args(host_port: int, backend_port: int, host_ip: str = "127.0.0.1",
-                proto: str = "tcp") -> list[str]:
-    """The exact command line dockerd uses."""
-    return ["-proto", proto, "-host-ip", host_ip, "-host-port", str(host_port),
-            "-container-ip", "127.0.0.1", "-container-port", str(backend_port)]
-
-
-def test_status_pipe_reports_ready_in_one_write_and_relays(echo_backend, proxy_loop_env, proxies):
+def test_status_pipe_reports_ready_in_one_write_and_relays(echo_backend, proxy_loop_env):
     port = free_port()
     p = Proxy(docker_args(port, echo_backend.port), env=proxy_loop_env)
-    proxies.append(p)
     assert p.status == b"0\n"
     assert exchange("127.0.0.1", port) == b"ping"
 
@@ -119,35 +65,35 @@ def test_help_and_version_exit_0():
         assert run.returncode == 0 and run.stdout.startswith(b"pyproxy version ")
 
 
-def test_go_flag_syntax_variants(echo_backend, proxies):
+def test_go_flag_syntax_variants(echo_backend):
     port = free_port()
     args = [f"-host-port={port}", "--container-port", str(echo_backend.port),
             "--host-ip=127.0.0.1", "-container-ip", "127.0.0.1", "-use-listen-fd=false"]
-    proxies.append(Proxy(args))
+    Proxy(args)
     assert exchange("127.0.0.1", port) == b"ping"
 
 
-def test_adopts_listen_fd_without_binding_again(echo_backend, proxy_loop_env, proxies):
+def test_adopts_listen_fd_without_binding_again(echo_backend, proxy_loop_env):
     lsock = socket.socket()
     lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     lsock.bind(("127.0.0.1", 0))
     lsock.listen(128)
     port = lsock.getsockname()[1]
-    proxies.append(Proxy([*docker_args(port, echo_backend.port), "-use-listen-fd"],
-                         pass_fds={4: lsock.fileno()}, env=proxy_loop_env))
+    Proxy([*docker_args(port, echo_backend.port), "-use-listen-fd"],
+          pass_fds={4: lsock.fileno()}, env=proxy_loop_env)
     lsock.close()  # only pyproxy holds it now
     assert exchange("127.0.0.1", port) == b"ping"
 
 
 @needs_ipv6
-def test_adopts_dual_stack_listen_fd(echo_backend, proxies):
+def test_adopts_dual_stack_listen_fd(echo_backend):
     lsock = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
     lsock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
     lsock.bind(("::", 0))
     lsock.listen(128)
     port = lsock.getsockname()[1]
-    proxies.append(Proxy([*docker_args(port, echo_backend.port, host_ip="::"), "-use-listen-fd"],
-                         pass_fds={4: lsock.fileno()}))
+    Proxy([*docker_args(port, echo_backend.port, host_ip="::"), "-use-listen-fd"],
+          pass_fds={4: lsock.fileno()})
     lsock.close()
     assert exchange("127.0.0.1", port, b"v4") == b"v4"
     assert exchange("::1", port, b"v6") == b"v6"
@@ -177,7 +123,7 @@ def test_bad_listen_fd_fails_cleanly(what, echo_backend):
     assert b"Traceback" not in err
 
 
-def test_fds_3_and_4_untouched_when_not_given(echo_backend, proxies):
+def test_fds_3_and_4_untouched_when_not_given(echo_backend):
     """Run by hand with unrelated files on fd 3 and fd 4: pyproxy must leave both alone."""
     with tempfile.TemporaryFile() as f3:
         other = socket.socket()
@@ -227,13 +173,12 @@ def test_stop_signal_exits_0_within_a_second_with_connections_open(
         s.close()
 
 
-def test_raises_soft_nofile_limit_to_hard(echo_backend, proxies):
+def test_raises_soft_nofile_limit_to_hard(echo_backend):
     def low_soft_limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (256, 4096))
 
     port = free_port()
     p = Proxy(docker_args(port, echo_backend.port), preexec=low_soft_limit)
-    proxies.append(p)
     limits = open(f"/proc/{p.proc.pid}/limits").read()
     line = next(l for l in limits.splitlines() if l.startswith("Max open files"))
     assert line.split()[3:5] == ["4096", "4096"]
@@ -273,37 +218,12 @@ def test_accept_loop_survives_fd_exhaustion(echo_backend, proxy_loop_env):
     assert err.count(b"backing off") <= 3  # said once, not once per failed accept
 
 
-def udp_exchange(dest: tuple, payload: bytes) -> tuple[bytes, tuple]:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as c:
-        c.settimeout(5)
-        c.sendto(payload, dest)
-        return c.recvfrom(65536)
-
-
-@pytest.fixture
-def udp_echo_backend():
-    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    sock.bind(("127.0.0.1", 0))
-
-    def serve() -> None:
-        while True:
-            try:
-                data, addr = sock.recvfrom(65536)
-                sock.sendto(data, addr)
-            except OSError:
-                return
-
-    threading.Thread(target=serve, daemon=True).start()
-    yield sock.getsockname()[1]
-    sock.close()
-
-
-def test_udp_adopts_listen_fd_without_pktinfo(udp_echo_backend, proxy_loop_env, proxies):
+def test_udp_adopts_listen_fd_without_pktinfo(udp_echo_backend, proxy_loop_env):
     lsock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     lsock.bind(("127.0.0.1", 0))
     port = lsock.getsockname()[1]
-    proxies.append(Proxy([*docker_args(port, udp_echo_backend, proto="udp"), "-use-listen-fd"],
-                         pass_fds={4: lsock.fileno()}, env=proxy_loop_env))
+    Proxy([*docker_args(port, udp_echo_backend, proto="udp"), "-use-listen-fd"],
+          pass_fds={4: lsock.fileno()}, env=proxy_loop_env)
     lsock.close()
     assert udp_exchange(("127.0.0.1", port), b"dgram") == (b"dgram", ("127.0.0.1", port))
 

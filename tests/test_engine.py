@@ -12,37 +12,19 @@ import urllib.request
 import pytest
 
 from proxy.ground.wire import decode_reply, encode_argv, frame, unframe
-from tests.conftest import Proxy, free_port, output
-from tests.test_contract import EchoBackend, docker_args, exchange
+from tests.helpers import (
+    EchoBackend,
+    Proxy,
+    cmdline,
+    docker_args,
+    exchange,
+    free_port,
+    output,
+    refused,
+    spawn_via,
+)
 
 pytestmark = pytest.mark.timeout(120)
-
-
-@pytest.fixture
-def engine(tmp_path, proxy_loop_env):
-    path = str(tmp_path / "engine.sock")
-    metrics = free_port()
-    p = Proxy(["-engine", "-engine-socket", path, "-metrics-addr", f"127.0.0.1:{metrics}"],
-              env=proxy_loop_env)
-    p.metrics_port = metrics  # type: ignore[attr-defined]
-    yield path, p
-    p.stop(signal.SIGKILL)
-
-
-def spawn_via(path: str, args: list[str], **kw) -> Proxy:  # type: ignore[no-untyped-def]
-    return Proxy(args, env={"PYPROXY_ENGINE_SOCKET": path}, **kw)
-
-
-def cmdline(pid: int) -> str:
-    return open(f"/proc/{pid}/cmdline").read().replace("\0", " ")
-
-
-def refused(port: int) -> bool:
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=2).close()
-        return False
-    except ConnectionRefusedError:
-        return True
 
 
 def test_fifty_spawns_each_ready_each_serving_and_stopped_one_by_one(engine):

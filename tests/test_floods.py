@@ -16,9 +16,7 @@ from collections.abc import Iterator
 import pytest
 
 from proxy.ground.budget import FlowBudget, ephemeral_port_range, flow_limit
-from tests.conftest import Proxy, free_port
-from tests.test_contract import EchoBackend, exchange
-from tests.test_observability import scrape, value
+from tests.helpers import EchoBackend, Proxy, exchange, free_port, scrape, value
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -155,7 +153,7 @@ def answers(port: int, questions: int = 20, tries: int = 20) -> int:
     return got
 
 
-def test_udp_flood_under_ulimit_64_evicts_and_keeps_answering(tmp_path, proxy_loop_env, proxies):
+def test_udp_flood_under_ulimit_64_evicts_and_keeps_answering(tmp_path, proxy_loop_env):
     """socket() would fail with EMFILE after ~50 flows: the budget (24 here) keeps the process
     below that, the idlest flows make room for new clients, and the log says so rarely."""
     echo = UdpEcho()
@@ -165,7 +163,6 @@ def test_udp_flood_under_ulimit_64_evicts_and_keeps_answering(tmp_path, proxy_lo
                "-container-ip", "127.0.0.1", "-container-port", str(echo.port),
                "-metrics-addr", f"127.0.0.1:{metrics}", "-log-file", str(log_file)],
               env=proxy_loop_env, preexec=fd_limit(64))
-    proxies.append(p)
     try:
         with udp_flood([port], sources=100):
             assert answers(port) == 20
@@ -181,7 +178,7 @@ def test_udp_flood_under_ulimit_64_evicts_and_keeps_answering(tmp_path, proxy_lo
     assert any("evicting" in line for line in lines)
 
 
-def test_flooded_udp_mappings_leave_a_tcp_mapping_of_the_process_its_fds(proxy_loop_env, proxies):
+def test_flooded_udp_mappings_leave_a_tcp_mapping_of_the_process_its_fds(proxy_loop_env):
     """Two UDP mappings flooded in one process (the engine's case) with a TCP mapping beside
     them: the flows stay within the process's budget, so every TCP client is still served."""
     echo, tcp_echo = UdpEcho(), EchoBackend()
@@ -190,7 +187,6 @@ def test_flooded_udp_mappings_leave_a_tcp_mapping_of_the_process_its_fds(proxy_l
     p = Proxy(["-container-ip", "127.0.0.1", "-p", f"127.0.0.1:{u1}:{echo.port}/udp",
                "-p", f"127.0.0.1:{u2}:{echo.port}/udp", "-p", f"127.0.0.1:{t}:{tcp_echo.port}"],
               env=proxy_loop_env, preexec=fd_limit(128))
-    proxies.append(p)
     served = failed = 0
     try:
         with udp_flood([u1, u2], sources=80):

@@ -16,15 +16,21 @@ import time
 
 import pytest
 
-from tests import test_engine
-from tests.conftest import REPO, Proxy, free_port, output, read_status, spawn
-from tests.test_contract import EchoBackend, docker_args, exchange
-from tests.test_engine import refused, spawn_via
+from tests.helpers import (
+    REPO,
+    EchoBackend,
+    Proxy,
+    docker_args,
+    exchange,
+    free_port,
+    output,
+    read_status,
+    refused,
+    spawn,
+    spawn_via,
+)
 
 pytestmark = pytest.mark.timeout(120)
-
-engine = test_engine.engine  # the fixture: a real engine subprocess, on both loops
-
 
 def released(port: int, within: float = 5.0) -> bool:
     """The port is refused within `within` seconds (the engine releases it on EOF)."""

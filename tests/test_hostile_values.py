@@ -13,15 +13,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proxy.ground.flags import UsageError, build_parser, parse_config
 from proxy.ground.config import is_decimal, parse_duration, parse_ip, parse_port
-from proxy.ground.sockets import StartupError
+from proxy.ground.flags import UsageError, build_parser, parse_config
 from proxy.ground.metrics import make_registry
 from proxy.ground.privileges import drop_to
+from proxy.ground.sockets import StartupError
 from proxy.ground.stats import DIAL_BUCKETS, MappingStats
-from tests.conftest import Proxy, free_port
-from tests.helpers import backend, tcp_proxy
-from tests.test_contract import EchoBackend, docker_args, exchange
+from tests.helpers import EchoBackend, Proxy, backend, docker_args, exchange, free_port, tcp_proxy
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -150,12 +148,11 @@ def test_log_file_on_a_fifo_is_refused_at_once(tmp_path):
                      "or 'syslog'".encode()
 
 
-def test_log_file_that_cannot_be_written_is_reported_once_and_traffic_flows(proxies):
+def test_log_file_that_cannot_be_written_is_reported_once_and_traffic_flows():
     """/dev/full opens, then every write fails with ENOSPC: said once, not a traceback a line."""
     b = EchoBackend()
     port = free_port()
     p = Proxy([*docker_args(port, b.port), "-log-file", "/dev/full", "-log-level", "debug"])
-    proxies.append(p)
     for _ in range(3):
         assert exchange("127.0.0.1", port) == b"ping"
     _, err = p.stop(signal.SIGINT)

@@ -11,9 +11,7 @@ import pytest
 
 from proxy.ground.flags import UsageError, parse_config
 from proxy.ground.metrics import make_registry
-from tests.conftest import Proxy, free_port
-from tests.helpers import backend, echo, tcp_proxy
-from tests.test_contract import EchoBackend, docker_args
+from tests.helpers import EchoBackend, Proxy, backend, docker_args, echo, free_port, tcp_proxy
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -96,17 +94,15 @@ async def test_idle_close_frees_a_max_conns_slot() -> None:
         assert stats.closed_idle == 1 and stats.rejected_limit == 1
 
 
-def test_idle_timeout_through_the_engine(tmp_path, proxy_loop_env, proxies):
+def test_idle_timeout_through_the_engine(tmp_path, proxy_loop_env):
     """The flag travels in the spawned pyproxy's argv and the engine applies it."""
     path = str(tmp_path / "engine.sock")
     engine = Proxy(["-engine", "-engine-socket", path], env=proxy_loop_env)
-    proxies.append(engine)
     b = EchoBackend()
     port = free_port()
     try:
         spawned = Proxy([*docker_args(port, b.port), "-idle-timeout", "300ms"],
                         env={"PYPROXY_ENGINE_SOCKET": path})
-        proxies.append(spawned)
         with socket.create_connection(("127.0.0.1", port), timeout=5) as c:
             c.sendall(b"hi")
             assert c.recv(10) == b"hi"

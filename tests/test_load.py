@@ -15,9 +15,8 @@ import urllib.request
 
 import pytest
 
-from tests.conftest import Proxy, free_port
+from tests.helpers import EchoBackend, Proxy, docker_args, free_port
 from tests.netns import Lab, needs_netns
-from tests.test_contract import EchoBackend, docker_args
 
 pytestmark = [pytest.mark.heavy, pytest.mark.timeout(600)]
 

@@ -18,8 +18,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from proxy import __version__
-from tests.conftest import REPO, Proxy, free_port
-from tests.test_contract import EchoBackend, docker_args, exchange
+from tests.helpers import REPO, EchoBackend, Proxy, docker_args, exchange, free_port
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -31,7 +30,7 @@ SUFFIXES = {"counter": ("_total", "_created"), "histogram": ("_bucket", "_sum", 
 
 
 @pytest.fixture
-def scrape(proxies: list[Proxy]) -> Iterator[str]:
+def scrape() -> Iterator[str]:
     """The /metrics text of a pyproxy serving a TCP and a UDP mapping, after traffic on both."""
     tcp_backend = EchoBackend()
     udp_backend = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -40,7 +39,6 @@ def scrape(proxies: list[Proxy]) -> Iterator[str]:
     p = Proxy([*docker_args(tcp_port, tcp_backend.port),
                "-p", f"127.0.0.1:{udp_front}:{udp_backend.getsockname()[1]}/udp",
                "-metrics-addr", f"127.0.0.1:{metrics_port}"])
-    proxies.append(p)
     client = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     try:
         assert exchange("127.0.0.1", tcp_port, b"counted") == b"counted"

@@ -8,33 +8,24 @@ import os
 import signal
 import socket
 import time
-import urllib.request
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.ground.metrics import make_registry
-from tests.conftest import Proxy, free_port, output
-from tests.helpers import backend, tcp_proxy
-from tests.test_contract import EchoBackend, docker_args, exchange
+from tests.helpers import (
+    EchoBackend,
+    Proxy,
+    backend,
+    docker_args,
+    exchange,
+    free_port,
+    output,
+    scrape,
+    tcp_proxy,
+    value,
+)
 
 pytestmark = pytest.mark.timeout(60)
-
-
-def scrape(port: int) -> dict[tuple[str, frozenset], float]:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
-        text = r.read().decode()
-    samples = {}
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            samples[s.name, frozenset(s.labels.items())] = s.value
-    return samples
-
-
-def value(samples: dict, name: str, **labels: str) -> float:
-    """Sum of the samples named `name` whose labels include `labels`."""
-    want = set(labels.items())
-    return sum(v for (n, ls), v in samples.items() if n == name and want <= ls)
 
 
 async def test_collector_reads_counters_at_scrape_time() -> None:
@@ -61,7 +52,7 @@ def _backend(port: int) -> dict[str, str]:
     return {"container_ip": "127.0.0.1", "container_port": str(port)}
 
 
-def test_metrics_endpoint_counts_tcp_and_udp_traffic(proxies):
+def test_metrics_endpoint_counts_tcp_and_udp_traffic():
     tcp_backend = EchoBackend()
     udp_port = free_port(kind=socket.SOCK_DGRAM)
     udp_backend = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -69,7 +60,6 @@ def test_metrics_endpoint_counts_tcp_and_udp_traffic(proxies):
     metrics_port, tcp_port, udp_front = free_port(), free_port(), free_port(kind=socket.SOCK_DGRAM)
     p = Proxy([*docker_args(tcp_port, tcp_backend.port), "-p", f"127.0.0.1:{udp_front}:{udp_port}/udp",
                "-container-ip", "127.0.0.1", "-metrics-addr", f"127.0.0.1:{metrics_port}"])
-    proxies.append(p)
     for _ in range(3):
         assert exchange("127.0.0.1", tcp_port, b"x" * 500) == b"x" * 500
     dead_front = []
@@ -115,11 +105,10 @@ def listening_ports(pid: int) -> list[int]:
     return ports
 
 
-def test_metrics_off_by_default(proxies):
+def test_metrics_off_by_default():
     b = EchoBackend()
     port = free_port()
     p = Proxy(docker_args(port, b.port))
-    proxies.append(p)
     assert listening_ports(p.proc.pid) == [port]  # the published port and nothing else
     b.close()
 
@@ -144,12 +133,11 @@ def test_metrics_port_in_use_fails_start(busy_port):
     b.close()
 
 
-def test_json_log_file_and_sighup_reopen(tmp_path, proxies):
+def test_json_log_file_and_sighup_reopen(tmp_path):
     log = tmp_path / "pyproxy.log"
     dead_backend = free_port()
     port = free_port()
     p = Proxy([*docker_args(port, dead_backend), "-log-file", str(log), "-log-format", "json"])
-    proxies.append(p)
     try:
         exchange("127.0.0.1", port)
     except ConnectionResetError:

@@ -13,8 +13,7 @@ import pytest
 
 from proxy import __version__
 from proxy.ground.flags import UsageError, build_parser, parse_config
-from tests.conftest import REPO, Proxy, free_port, output
-from tests.test_contract import EchoBackend, exchange
+from tests.helpers import REPO, EchoBackend, Proxy, exchange, free_port, output
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -93,12 +92,12 @@ def test_publish_without_container_ip_is_a_usage_error() -> None:
     assert p.status.startswith(b"1\n") and b"-container-ip" in p.status
 
 
-def test_docker_proxy_form_keeps_its_container_ip_default(proxies: list[Proxy]) -> None:
+def test_docker_proxy_form_keeps_its_container_ip_default() -> None:
     """docker-proxy's -container-ip defaults to 0.0.0.0, which Linux dials as this host."""
     backend = EchoBackend()
     port = free_port()
-    proxies.append(Proxy(["-host-ip", "127.0.0.1", "-host-port", str(port),
-                          "-container-port", str(backend.port)]))
+    Proxy(["-host-ip", "127.0.0.1", "-host-port", str(port),
+           "-container-port", str(backend.port)])
     assert exchange("127.0.0.1", port, b"to 0.0.0.0") == b"to 0.0.0.0"
     backend.close()
 

@@ -9,14 +9,14 @@ import time
 
 import pytest
 
-from tests.conftest import Proxy, free_port
+from tests.helpers import Proxy, free_port
 
 pytestmark = pytest.mark.timeout(60)
 
 
 @pytest.mark.skipif(not (shutil.which("dnsmasq") and shutil.which("dig")),
                     reason="needs Debian's dnsmasq-base and dnsutils (dig)")
-def test_real_dns_exchange_through_the_proxy(proxies):
+def test_real_dns_exchange_through_the_proxy():
     """dnsmasq is the container on 127.0.0.1; dig asks the proxy on 127.0.0.2 (bound to
     0.0.0.0): dig drops answers from an unexpected source, so this needs PKTINFO replies."""
     dns_port = free_port(kind=socket.SOCK_DGRAM)
@@ -28,8 +28,8 @@ def test_real_dns_exchange_through_the_proxy(proxies):
     )
     try:
         proxy_port = free_port("0.0.0.0", socket.SOCK_DGRAM)
-        proxies.append(Proxy(["-proto", "udp", "-host-ip", "0.0.0.0", "-host-port", str(proxy_port),
-                              "-container-ip", "127.0.0.1", "-container-port", str(dns_port)]))
+        Proxy(["-proto", "udp", "-host-ip", "0.0.0.0", "-host-port", str(proxy_port),
+                              "-container-ip", "127.0.0.1", "-container-port", str(dns_port)])
         deadline = time.monotonic() + 10
         while True:
             dig = subprocess.run(

@@ -9,19 +9,26 @@ import sys
 import pytest
 
 from proxy.ground.sockets import StartupError
-from tests.conftest import Proxy, free_port, free_port_block, output
-from tests.helpers import backend, make_config, proxy
+from tests.helpers import (
+    EchoBackend,
+    Proxy,
+    backend,
+    exchange,
+    free_port,
+    free_port_block,
+    make_config,
+    output,
+    proxy,
+)
 from tests.netns import Lab, needs_netns
-from tests.test_contract import EchoBackend, exchange
 
 pytestmark = pytest.mark.timeout(60)
 
 
-def test_ephemeral_ports_are_printed_in_docker_port_format(proxies):
+def test_ephemeral_ports_are_printed_in_docker_port_format():
     b = EchoBackend()
     p = Proxy(["-p", "127.0.0.1::" + str(b.port), "-p", f"127.0.0.1::{b.port}/udp",
                "-container-ip", "127.0.0.1"])
-    proxies.append(p)
     out, _ = output(p.proc)
     lines = out.decode().splitlines()
     assert len(lines) == 2
@@ -69,13 +76,13 @@ async def test_docker_flags_with_ranges() -> None:
             (host + i, b + i) for i in range(3)]
 
 
-def test_repeatable_p_mixes_tcp_and_udp(proxies):
+def test_repeatable_p_mixes_tcp_and_udp():
     b = EchoBackend()
     ubackend = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     ubackend.bind(("127.0.0.1", 0))
     tcp_port, udp_port = free_port(), free_port(kind=socket.SOCK_DGRAM)
-    proxies.append(Proxy(["-container-ip", "127.0.0.1", "-p", f"127.0.0.1:{tcp_port}:{b.port}",
-                          "-p", f"127.0.0.1:{udp_port}:{ubackend.getsockname()[1]}/udp"]))
+    Proxy(["-container-ip", "127.0.0.1", "-p", f"127.0.0.1:{tcp_port}:{b.port}",
+                          "-p", f"127.0.0.1:{udp_port}:{ubackend.getsockname()[1]}/udp"])
     assert exchange("127.0.0.1", tcp_port) == b"ping"
     c = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     c.sendto(b"u", ("127.0.0.1", udp_port))

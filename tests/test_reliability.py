@@ -17,9 +17,17 @@ from hypothesis import strategies as st
 
 from proxy.ground.config import parse_cidr
 from proxy.relays.tcp import HIGH_WATER
-from tests.conftest import Proxy, free_port, needs_ipv6, output
-from tests.helpers import backend, tcp_proxy
-from tests.test_contract import EchoBackend, docker_args, exchange
+from tests.helpers import (
+    EchoBackend,
+    Proxy,
+    backend,
+    docker_args,
+    exchange,
+    free_port,
+    needs_ipv6,
+    output,
+    tcp_proxy,
+)
 
 pytestmark = pytest.mark.timeout(90)
 

@@ -26,9 +26,8 @@ from typing import NamedTuple
 import pytest
 
 from proxy.relays import sctp
-from tests.conftest import Proxy, free_port, output
+from tests.helpers import Proxy, free_port, output, proxy
 from tests.sctpvm import kernel_has_sctp
-from tests.helpers import proxy
 
 pytestmark = [
     pytest.mark.timeout(120),

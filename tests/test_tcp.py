@@ -11,8 +11,7 @@ import socket
 import pytest
 
 from proxy.relays.tcp import EARLY_DATA_LIMIT, HIGH_WATER
-from tests.conftest import free_port, needs_ipv6
-from tests.helpers import backend, echo_after_eof, sha, tcp_proxy
+from tests.helpers import backend, echo_after_eof, free_port, needs_ipv6, sha, tcp_proxy
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -3,50 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import socket
-from collections.abc import AsyncIterator
 
 import pytest
 
 from proxy.relays.udp import FlowTable
-from tests.conftest import free_port, needs_ipv6
-from tests.helpers import proxy
+from tests.helpers import free_port, needs_ipv6, udp_backend, udp_proxy
 
 pytestmark = pytest.mark.timeout(60)
-
-
-class UdpBackend(asyncio.DatagramProtocol):
-    """Answers each datagram with b"re:" + payload (or the payload alone for big ones) and
-    records the source address of every datagram it saw."""
-
-    def __init__(self) -> None:
-        self.sources: list[tuple] = []
-        self.transport: asyncio.DatagramTransport | None = None
-
-    def connection_made(self, transport) -> None:  # type: ignore[no-untyped-def]
-        self.transport = transport
-
-    def datagram_received(self, data: bytes, addr) -> None:  # type: ignore[no-untyped-def]
-        self.sources.append(addr)
-        assert self.transport is not None
-        self.transport.sendto(data if len(data) > 60000 else b"re:" + data, addr)
-
-
-@contextlib.asynccontextmanager
-async def udp_backend(host: str = "127.0.0.1", port: int = 0) -> AsyncIterator[tuple[int, UdpBackend]]:
-    loop = asyncio.get_running_loop()
-    transport, backend = await loop.create_datagram_endpoint(UdpBackend, local_addr=(host, port))
-    try:
-        yield transport.get_extra_info("sockname")[1], backend
-    finally:
-        transport.close()
-
-
-def udp_proxy(backend_port: int, *extra: str, host_ip: str = "127.0.0.1",
-              container_ip: str = "127.0.0.1"):  # type: ignore[no-untyped-def]
-    return proxy("-proto", "udp", "-host-ip", host_ip, "-host-port", "0",
-                 "-container-ip", container_ip, "-container-port", str(backend_port), *extra)
 
 
 def ask(sock: socket.socket, dest: tuple, payload: bytes, timeout: float = 3) -> tuple[bytes, tuple]:

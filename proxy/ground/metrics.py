@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import platform
 import threading
-from collections.abc import Iterator, Mapping as MappingType
+from collections.abc import Iterator
+from collections.abc import Mapping as MappingType
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Info, ProcessCollector, start_http_server

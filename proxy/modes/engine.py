@@ -23,7 +23,6 @@ import stat
 import struct
 from typing import Any
 
-
 from proxy.ground.config import Config, Mapping, ProcessOptions
 from proxy.ground.flags import UsageError, config_from_args, parse_args
 from proxy.ground.sockets import StartupError, go_strerror

@@ -25,8 +25,8 @@ from proxy.ground import proxyproto, transparent
 from proxy.ground.access import AllowList
 from proxy.ground.budget import FlowBudget, process_budget
 from proxy.ground.config import Mapping, RelayOptions
-from proxy.ground.sockets import go_strerror, set_buffer_size
 from proxy.ground.logs import Throttle
+from proxy.ground.sockets import go_strerror, set_buffer_size
 from proxy.ground.stats import MappingStats
 
 log = logging.getLogger("pyproxy")

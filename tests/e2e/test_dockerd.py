@@ -12,8 +12,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.conftest import Proxy, free_port, free_port_block
 from tests.dockerlab import DockerLab, docker_available
+from tests.helpers import Proxy, free_port, free_port_block
 
 pytestmark = [
     pytest.mark.heavy,

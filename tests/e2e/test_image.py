@@ -16,9 +16,8 @@ from collections.abc import Iterator
 import pytest
 
 from proxy import __version__
-from tests.conftest import REPO, free_port
 from tests.dockerlab import DockerLab, docker_available
-from tests.test_contract import EchoBackend, exchange
+from tests.helpers import REPO, EchoBackend, exchange, free_port
 
 pytestmark = [
     pytest.mark.heavy,

@@ -13,7 +13,7 @@ import sys
 import pytest
 
 from tests import sctpvm
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 KERNEL_CACHE = os.environ.get("PYPROXY_VM_CACHE", "/var/cache/pyproxy-sctp-vm")
 
