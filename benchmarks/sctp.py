@@ -22,10 +22,10 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 sys.path[:0] = [HERE, REPO]  # measure and peers; tests.sctpvm
 
-from measure import cpu_seconds
-from peers import LOAD_CPU, PEERS, free_port
+from measure import cpu_seconds  # noqa: E402 (found through sys.path, set just above)
+from peers import LOAD_CPU, PEERS, free_port  # noqa: E402
 
-from tests import sctpvm
+from tests import sctpvm  # noqa: E402
 
 SOL_SCTP, SCTP_RECVRCVINFO, SCTP_SNDINFO = 132, 32, 2
 HOST = "127.0.0.1"

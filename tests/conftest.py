@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import pytest
 import uvloop
 
-from tests.helpers import EchoBackend, Proxy, free_port
+from tests.helpers import EchoBackend, Proxy, free_port, reap_spawned
 
 LOOPS = ["uvloop", "asyncio"]
 
@@ -39,12 +39,9 @@ def busy_port() -> Iterator[int]:
 
 @pytest.fixture(autouse=True)
 def reap_proxies() -> Iterator[None]:
+    """Every pyproxy a test spawned ends with the test, whatever the test did."""
     yield
-    while Proxy.started:
-        p = Proxy.started.pop()
-        if p.proc.poll() is None:
-            p.proc.kill()
-            p.proc.wait()
+    reap_spawned()
 
 
 @pytest.fixture

@@ -20,7 +20,7 @@ import threading
 import time
 import urllib.request
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -107,7 +107,7 @@ class Proxy:
     """A pyproxy subprocess started with a status pipe on fd 3, as dockerd starts it.
     Every one is killed when its test ends, whatever the test did (see reap_proxies)."""
 
-    started: list[Proxy] = []
+    started: ClassVar[list[Proxy]] = []
 
     def __init__(self, args: list[str], *, pass_fds: dict[int, int] | None = None,
                  env: dict[str, str] | None = None, preexec=None, wait_ready: bool = True,
@@ -115,6 +115,7 @@ class Proxy:
         read_end, write_end = os.pipe()
         fds = {3: write_end, **(pass_fds or {})}
         self.proc = spawn(args, fds, env=env, preexec=preexec, prefix=prefix)
+        SPAWNED.remove(self.proc)  # a Proxy is reaped through Proxy.started
         Proxy.started.append(self)
         os.close(write_end)
         self.status = read_status(read_end)
@@ -147,6 +148,26 @@ def output(proc: subprocess.Popen) -> tuple[bytes, bytes]:
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+SPAWNED: list[subprocess.Popen] = []  # spawned by a test directly, not through Proxy
+
+
+def close_output(proc: subprocess.Popen) -> None:
+    """Kill `proc` if it still runs, and close the files of its output."""
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+    for f in proc.output_files:  # type: ignore[attr-defined]
+        f.close()
+
+
+def reap_spawned() -> None:
+    """End every pyproxy a test started (conftest's reap_proxies calls it after each test)."""
+    while Proxy.started:
+        close_output(Proxy.started.pop().proc)
+    while SPAWNED:
+        close_output(SPAWNED.pop())
+
+
 def spawn(args: list[str], fds: dict[int, int], *, env=None, preexec=None,
           prefix: list[str] | None = None) -> subprocess.Popen:
     """Run pyproxy with `fds` placed at exactly those descriptor numbers in the child
@@ -176,6 +197,7 @@ def spawn(args: list[str], fds: dict[int, int], *, env=None, preexec=None,
         pass_fds=sorted(set(fds.values()) | set(fds)), preexec_fn=place_fds, env=full_env,
     )
     proc.output_files = files  # type: ignore[attr-defined]
+    SPAWNED.append(proc)
     return proc
 
 

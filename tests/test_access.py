@@ -142,7 +142,7 @@ async def test_v2_header_prefixes_every_udp_datagram() -> None:
         for payload in (b"one", b"two"):
             c.sendto(payload, ("127.0.0.2", port))
         await asyncio.sleep(0.2)
-        for payload, data in zip((b"one", b"two"), got):
+        for payload, data in zip((b"one", b"two"), got, strict=False):  # len(got) checked below
             # the destination is the address the client sent to, not the wildcard bind address
             assert parse_v2(data) == ("127.0.0.3", c.getsockname()[1], "127.0.0.2", port, "udp", payload)
         assert len(got) == 2
@@ -388,7 +388,8 @@ def test_transparent_mode_backend_sees_the_client_address(proto):
 def test_transparent_without_cap_net_admin_fails_clearly():
     if os.geteuid() == 0 and not shutil.which("setpriv"):
         pytest.skip("needs setpriv to drop CAP_NET_ADMIN")
-    prefix = ["setpriv", "--inh-caps=-net_admin,-net_raw", "--bounding-set=-net_admin,-net_raw"] if os.geteuid() == 0 else []
+    prefix = (["setpriv", "--inh-caps=-net_admin,-net_raw", "--bounding-set=-net_admin,-net_raw"]
+              if os.geteuid() == 0 else [])
     p = Proxy([*docker_args(free_port(), 80), "-transparent"], prefix=prefix, wait_ready=False)
     assert p.status.startswith(b"1\n-transparent: setsockopt IP_TRANSPARENT: operation not permitted")
     assert p.proc.wait(timeout=10) == 1

@@ -117,6 +117,8 @@ def test_bad_listen_fd_fails_cleanly(what, echo_backend):
         fds[4] = s.fileno()
     p = Proxy([*docker_args(free_port(), echo_backend.port), "-use-listen-fd"], pass_fds=fds,
               wait_ready=False)
+    for kept in keep:  # after the child has its copies; ours must not leak
+        kept.close() if isinstance(kept, socket.socket) else os.close(kept)
     assert p.status.startswith(b"1\nlisten fd 4"), p.status
     assert p.proc.wait(timeout=10) == 1
     _, err = output(p.proc)

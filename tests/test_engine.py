@@ -33,7 +33,7 @@ def test_fifty_spawns_each_ready_each_serving_and_stopped_one_by_one(engine):
     ports = [free_port() for _ in range(50)]
     spawned = [spawn_via(path, docker_args(port, backend.port)) for port in ports]
     try:
-        for p, port in zip(spawned, ports):
+        for p, port in zip(spawned, ports, strict=True):
             assert p.status == b"0\n"
             assert cmdline(p.proc.pid).startswith("pyproxy-wait")  # a tiny waiter, not Python
             assert exchange("127.0.0.1", port, b"%d" % port) == b"%d" % port

@@ -184,9 +184,9 @@ def test_flooded_udp_mappings_leave_a_tcp_mapping_of_the_process_its_fds(proxy_l
     echo, tcp_echo = UdpEcho(), EchoBackend()
     u1, u2 = free_port(kind=socket.SOCK_DGRAM), free_port(kind=socket.SOCK_DGRAM)
     t = free_port()
-    p = Proxy(["-container-ip", "127.0.0.1", "-p", f"127.0.0.1:{u1}:{echo.port}/udp",
-               "-p", f"127.0.0.1:{u2}:{echo.port}/udp", "-p", f"127.0.0.1:{t}:{tcp_echo.port}"],
-              env=proxy_loop_env, preexec=fd_limit(128))
+    Proxy(["-container-ip", "127.0.0.1", "-p", f"127.0.0.1:{u1}:{echo.port}/udp",
+           "-p", f"127.0.0.1:{u2}:{echo.port}/udp", "-p", f"127.0.0.1:{t}:{tcp_echo.port}"],
+          env=proxy_loop_env, preexec=fd_limit(128))
     served = failed = 0
     try:
         with udp_flood([u1, u2], sources=80):

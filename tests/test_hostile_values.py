@@ -46,7 +46,8 @@ def test_counts_take_ascii_digits_only(flag: str, text: str) -> None:
 
 
 @pytest.mark.parametrize("argv", [
-    ["-container-ip", "127.0.0.1", "-p", "８０:80"], ["-container-ip", "127.0.0.1", "-p", "80:٨٠"], ["-host-port", "５", "-container-port", "80"],
+    ["-container-ip", "127.0.0.1", "-p", "８０:80"], ["-container-ip", "127.0.0.1", "-p", "80:٨٠"],
+    ["-host-port", "５", "-container-port", "80"],
     ["-container-ip", "127.0.0.1", "-p", "80:80", "-metrics-addr", "127.0.0.1:９１００"],
 ])
 def test_ports_take_ascii_digits_only(argv: list[str]) -> None:
@@ -86,7 +87,7 @@ def test_every_go_spelling_of_a_value_still_works() -> None:
     config = parse_config(["-use-listen-fd", "-container-ip", "127.0.0.1", "-p", "80:80"])
     assert config is not None and config.use_listen_fd
     # a value that looks like a flag is still the value, e.g. an -allow that is misspelt
-    with pytest.raises(UsageError, match="argument -allow.*'-p'"):
+    with pytest.raises(UsageError, match=r"argument -allow.*'-p'"):
         parse_config(["-allow", "-p", "80:80"])
 
 
@@ -129,7 +130,7 @@ def test_user_superscript_two_is_no_such_user():
 
 
 def test_fullwidth_port_is_a_usage_error():
-    status, _ = _refused(docker_args(free_port(), 80)[:-1] + ["８０"], 2)
+    status, _ = _refused([*docker_args(free_port(), 80)[:-1], "８０"], 2)
     assert b"-container-port" in status and b"not a port number" in status
 
 
@@ -176,7 +177,7 @@ def test_unknown_ipv6_zone_names_the_interface():
 # -- the dial histogram ----------------------------------------------------------------------------
 
 def test_dial_buckets_resolve_microseconds_to_seconds() -> None:
-    assert DIAL_BUCKETS == tuple(sorted(DIAL_BUCKETS))
+    assert tuple(sorted(DIAL_BUCKETS)) == DIAL_BUCKETS
     assert DIAL_BUCKETS[0] <= 0.00005 and DIAL_BUCKETS[-1] >= 30
     stats = MappingStats()
     for seconds in (0.00002, 0.000025, 0.00003, 0.0007, 31.0):

@@ -97,12 +97,12 @@ async def test_idle_close_frees_a_max_conns_slot() -> None:
 def test_idle_timeout_through_the_engine(tmp_path, proxy_loop_env):
     """The flag travels in the spawned pyproxy's argv and the engine applies it."""
     path = str(tmp_path / "engine.sock")
-    engine = Proxy(["-engine", "-engine-socket", path], env=proxy_loop_env)
+    Proxy(["-engine", "-engine-socket", path], env=proxy_loop_env)
     b = EchoBackend()
     port = free_port()
     try:
-        spawned = Proxy([*docker_args(port, b.port), "-idle-timeout", "300ms"],
-                        env={"PYPROXY_ENGINE_SOCKET": path})
+        Proxy([*docker_args(port, b.port), "-idle-timeout", "300ms"],
+              env={"PYPROXY_ENGINE_SOCKET": path})
         with socket.create_connection(("127.0.0.1", port), timeout=5) as c:
             c.sendall(b"hi")
             assert c.recv(10) == b"hi"

@@ -36,9 +36,9 @@ def scrape() -> Iterator[str]:
     udp_backend = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     udp_backend.bind(("127.0.0.1", 0))
     tcp_port, udp_front, metrics_port = free_port(), free_port(kind=socket.SOCK_DGRAM), free_port()
-    p = Proxy([*docker_args(tcp_port, tcp_backend.port),
-               "-p", f"127.0.0.1:{udp_front}:{udp_backend.getsockname()[1]}/udp",
-               "-metrics-addr", f"127.0.0.1:{metrics_port}"])
+    Proxy([*docker_args(tcp_port, tcp_backend.port),
+           "-p", f"127.0.0.1:{udp_front}:{udp_backend.getsockname()[1]}/udp",
+           "-metrics-addr", f"127.0.0.1:{metrics_port}"])
     client = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     try:
         assert exchange("127.0.0.1", tcp_port, b"counted") == b"counted"

@@ -58,8 +58,8 @@ def test_metrics_endpoint_counts_tcp_and_udp_traffic():
     udp_backend = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     udp_backend.bind(("127.0.0.1", udp_port))
     metrics_port, tcp_port, udp_front = free_port(), free_port(), free_port(kind=socket.SOCK_DGRAM)
-    p = Proxy([*docker_args(tcp_port, tcp_backend.port), "-p", f"127.0.0.1:{udp_front}:{udp_port}/udp",
-               "-container-ip", "127.0.0.1", "-metrics-addr", f"127.0.0.1:{metrics_port}"])
+    Proxy([*docker_args(tcp_port, tcp_backend.port), "-p", f"127.0.0.1:{udp_front}:{udp_port}/udp",
+           "-container-ip", "127.0.0.1", "-metrics-addr", f"127.0.0.1:{metrics_port}"])
     for _ in range(3):
         assert exchange("127.0.0.1", tcp_port, b"x" * 500) == b"x" * 500
     dead_front = []

@@ -130,7 +130,8 @@ while True:
 ASK = r"""
 import socket, sys
 try:
-    s = socket.create_connection((sys.argv[1], 8080), timeout=3); s.sendall(b"hi"); print(s.recv(10).decode() or "closed")
+    s = socket.create_connection((sys.argv[1], 8080), timeout=3)
+    s.sendall(b"hi"); print(s.recv(10).decode() or "closed")
 except OSError as e:
     print(type(e).__name__)
 """

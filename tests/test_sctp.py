@@ -309,10 +309,9 @@ def test_container_abort_reaches_the_client_as_an_abort(make_backend):
 def test_container_absent_aborts_the_client_and_says_why():
     absent = free_port()
     p, port = start(absent)
-    with connect(port) as c:
-        with pytest.raises(ConnectionResetError):
-            send(c, Message(b"anyone?"))
-            recv(c)
+    with connect(port) as c, pytest.raises(ConnectionResetError):
+        send(c, Message(b"anyone?"))
+        recv(c)
     _, err = p.stop()
     assert b"sctp: client ('127.0.0.1'," in err and b"connection refused" in err.lower()
 
@@ -340,7 +339,9 @@ def test_backpressure_holds_one_message_not_the_whole_flood(proxy_loop_env, make
     reading = threading.Event()
     b = make_backend(reply=lambda m: [], reading=reading)
     p, port = start(b.port, env=proxy_loop_env)
-    rss = lambda: int(next(l for l in open(f"/proc/{p.proc.pid}/status") if l.startswith("VmRSS")).split()[1])
+    def rss() -> int:
+        with open(f"/proc/{p.proc.pid}/status") as f:
+            return int(next(l for l in f if l.startswith("VmRSS")).split()[1])
     count, size = 1000, 16384
     sent = []
 

@@ -81,29 +81,29 @@ class StatsCollector(Collector):
                 flows_active.add_metric(lv, s.flows_active)
                 for event, value in (("created", s.flows_created), ("expired", s.flows_expired),
                                      ("evicted", s.flows_evicted)):
-                    flows.add_metric(lv + [event], value)
-                datagrams.add_metric(lv + ["client_to_container"], s.datagrams_from_client)
-                datagrams.add_metric(lv + ["container_to_client"], s.datagrams_from_container)
-                dropped.add_metric(lv + ["error"], s.datagrams_dropped)
-                dropped.add_metric(lv + ["denied"], s.datagrams_denied)
-                dropped.add_metric(lv + ["no_flow"], s.datagrams_no_flow)
+                    flows.add_metric([*lv, event], value)
+                datagrams.add_metric([*lv, "client_to_container"], s.datagrams_from_client)
+                datagrams.add_metric([*lv, "container_to_client"], s.datagrams_from_container)
+                dropped.add_metric([*lv, "error"], s.datagrams_dropped)
+                dropped.add_metric([*lv, "denied"], s.datagrams_denied)
+                dropped.add_metric([*lv, "no_flow"], s.datagrams_no_flow)
                 continue
             accepted.add_metric(lv, s.accepted)
             active.add_metric(lv, s.active)
-            rejected.add_metric(lv + ["denied"], s.rejected_denied)
-            rejected.add_metric(lv + ["limit"], s.rejected_limit)
-            closed.add_metric(lv + ["idle"], s.closed_idle)
+            rejected.add_metric([*lv, "denied"], s.rejected_denied)
+            rejected.add_metric([*lv, "limit"], s.rejected_limit)
+            closed.add_metric([*lv, "idle"], s.closed_idle)
             dial_failed.add_metric(lv, s.dial_failures)
             cumulative, buckets = 0, []
             for bound, count in zip([*map(str, DIAL_BUCKETS), "+Inf"], s.dial_bucket_counts, strict=True):
                 cumulative += count
                 buckets.append((bound, cumulative))
             dial.add_metric(lv, buckets, s.dial_seconds_sum)
-            stream_bytes.add_metric(lv + ["client_to_container"], s.bytes_from_client)
-            stream_bytes.add_metric(lv + ["container_to_client"], s.bytes_from_container)
+            stream_bytes.add_metric([*lv, "client_to_container"], s.bytes_from_client)
+            stream_bytes.add_metric([*lv, "container_to_client"], s.bytes_from_container)
             if mapping.proto == "sctp":
-                messages.add_metric(lv + ["client_to_container"], s.messages_from_client)
-                messages.add_metric(lv + ["container_to_client"], s.messages_from_container)
+                messages.add_metric([*lv, "client_to_container"], s.messages_from_client)
+                messages.add_metric([*lv, "container_to_client"], s.messages_from_container)
             else:
                 spliced.add_metric(lv, s.spliced)
         yield from (accepted, active, rejected, closed, dial_failed, dial, stream_bytes, spliced,

@@ -179,10 +179,9 @@ def adopt_listen_fd(mapping: Mapping, fd: int | None = LISTEN_FD) -> socket.sock
         sock.close()
         what = f"{got}, not {wanted}" if got else f"not an IP socket of {wanted}"
         raise StartupError(f"{where}: fd {LISTEN_FD} is {what}")
-    if spec.type == socket.SOCK_STREAM:
-        if not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
-            sock.close()
-            raise StartupError(f"{where}: fd {LISTEN_FD} is not listening")
+    if spec.type == socket.SOCK_STREAM and not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+        sock.close()
+        raise StartupError(f"{where}: fd {LISTEN_FD} is not listening")
     if spec.stream_options:
         set_stream_options(sock)
     sock.setblocking(False)

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 import pytest
 
 from tests.dockerlab import DockerLab, docker_available
-from tests.helpers import Proxy, free_port, free_port_block
+from tests.helpers import Proxy, close_output, free_port, free_port_block
 
 pytestmark = [
     pytest.mark.heavy,
@@ -43,6 +43,7 @@ def lab(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
         lab.close()
         if engine is not None:
             engine.stop()
+            close_output(engine.proc)
 
 
 def http_get(host: str, port: int) -> str:
