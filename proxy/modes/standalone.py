@@ -39,16 +39,16 @@ class Standalone:
             if self.config.user:
                 drop_to(self.config.user)  # every port is bound: root is no longer needed
         except BaseException:
-            self._stop_accepting()
+            self._stop_metrics()
+            self.publication.stop_accepting()
             raise
 
-    def _stop_accepting(self) -> None:
+    def _stop_metrics(self) -> None:
         if self._metrics is not None:
             from proxy.ground.metrics import stop_metrics
 
             metrics, self._metrics = self._metrics, None
             stop_metrics(metrics)
-        self.publication.stop_accepting()
 
     async def serve(self) -> int:
         stop = stop_requested()  # before start(): a stop during start-up is not lost
@@ -59,14 +59,15 @@ class Standalone:
             self.status.fail(str(exc))
             return 1
         if stop.done():  # stopped while starting: exit 0, nothing on fd 3 (dockerd sees EOF)
-            self._stop_accepting()
+            self._stop_metrics()
+            self.publication.stop_accepting()
             return 0
         for line, relay in zip(self.publication.lines(), self.publication.relays, strict=True):
             print(line, flush=True)  # before "ready": whoever waits on fd 3 can read them
             log.info("serving %s -> %s", line, relay.mapping.backend())
         self.status.ready()
         signum = await stop
-        self._stop_accepting()
+        self._stop_metrics()
         drain = signum == signal.SIGTERM
         await self.publication.close(self.config.drain_timeout if drain else 0.0)
         return 0
