@@ -70,8 +70,8 @@ def proxy_processes() -> list[list[str]]:
         except OSError:
             continue
         args = [a.decode() for a in argv if a]
-        if (any(a.endswith("pyproxy") for a in args[:2]) or args[:1] == ["pyproxy-wait"]) \
-                and "-engine" not in args:
+        waiter = bool(args) and args[0].startswith("pyproxy-wait")  # argv[0] names the mapping
+        if (any(a.endswith("pyproxy") for a in args[:2]) or waiter) and "-engine" not in args:
             found.append(args)
     return found
 
@@ -103,7 +103,7 @@ def test_tcp_published_ports_reach_the_container(lab: DockerLab) -> None:
                 assert (f"-proto tcp -host-ip {host_ip} -host-port {port} -container-ip {container_ip} "
                         f"-container-port 80") in lines
         else:  # each spawned pyproxy became a tiny waiter holding its mapping in the engine
-            waiters = [a for a in proxy_processes() if a and a[0] == "pyproxy-wait"]
+            waiters = [a for a in proxy_processes() if a and a[0].startswith("pyproxy-wait")]
             assert len(waiters) >= 3
         # docker stop: pyproxy exits on dockerd's SIGINT at once, and every port is free after
         started = time.monotonic()
