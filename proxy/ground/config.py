@@ -32,18 +32,23 @@ PROTOCOLS: tuple[Proto, ...] = ("tcp", "udp", "sctp")
 
 @frozen
 class Capabilities:
-    """What a protocol's relay can do, for the flags that depend on it."""
+    """What a protocol's relay can do: for the flags that depend on it, and the metrics it has."""
 
     proxy_protocol: frozenset[int]  # PROXY protocol versions it can send
     transparent: bool  # -transparent (IP_TRANSPARENT dials)
-    unsupported: str = ""  # ends "argument -FLAG: " when a flag asks for what it cannot do
+    unsupported: str  # ends "argument -FLAG: " when a flag asks for what it cannot do
+    datagrams: bool  # flows of datagrams (else connections or associations)
+    messages: bool  # relays whole messages (SCTP), counted as such
+    splice: bool  # may switch a bulk direction to splice(2)
 
 
 # In the order flag errors are reported when a command line mixes protocols.
 CAPABILITIES: dict[Proto, Capabilities] = {
-    "sctp": Capabilities(frozenset(), False, "TCP and UDP only, not SCTP"),
-    "udp": Capabilities(frozenset({2}), True, "UDP needs v2 (v1 is text for TCP streams)"),
-    "tcp": Capabilities(frozenset({1, 2}), True),
+    "sctp": Capabilities(frozenset(), False, "TCP and UDP only, not SCTP",
+                         datagrams=False, messages=True, splice=False),
+    "udp": Capabilities(frozenset({2}), True, "UDP needs v2 (v1 is text for TCP streams)",
+                        datagrams=True, messages=False, splice=False),
+    "tcp": Capabilities(frozenset({1, 2}), True, "", datagrams=False, messages=False, splice=True),
 }
 MAX_PORT = 65535
 

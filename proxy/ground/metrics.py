@@ -23,7 +23,7 @@ from prometheus_client.registry import Collector
 
 from proxy import __version__
 from proxy.ground.budget import process_budget
-from proxy.ground.config import Mapping, format_hostport
+from proxy.ground.config import CAPABILITIES, Mapping, format_hostport
 from proxy.ground.sockets import StartupError, go_strerror
 from proxy.ground.stats import DIAL_BUCKETS, MappingStats
 
@@ -77,7 +77,8 @@ class StatsCollector(Collector):
         flow_budget.add_metric(["used"], budget.used)
         for mapping, s in list(self._stats.items()):
             lv = _label_values(mapping)
-            if mapping.proto == "udp":
+            can = CAPABILITIES[mapping.proto]
+            if can.datagrams:
                 flows_active.add_metric(lv, s.flows_active)
                 for event, value in (("created", s.flows_created), ("expired", s.flows_expired),
                                      ("evicted", s.flows_evicted)):
@@ -101,10 +102,10 @@ class StatsCollector(Collector):
             dial.add_metric(lv, buckets, s.dial_seconds_sum)
             stream_bytes.add_metric([*lv, "client_to_container"], s.bytes_from_client)
             stream_bytes.add_metric([*lv, "container_to_client"], s.bytes_from_container)
-            if mapping.proto == "sctp":
+            if can.messages:
                 messages.add_metric([*lv, "client_to_container"], s.messages_from_client)
                 messages.add_metric([*lv, "container_to_client"], s.messages_from_container)
-            else:
+            if can.splice:
                 spliced.add_metric(lv, s.spliced)
         yield from (accepted, active, rejected, closed, dial_failed, dial, stream_bytes, spliced,
                     messages, flows_active, flows, datagrams, dropped, flow_budget)
