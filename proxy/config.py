@@ -280,6 +280,7 @@ class Config:
     log_level: str = "info"
     log_format: str = "text"
     log_file: str | None = None
+    access_log: str | None = None  # PATH, "syslog" or "-" (stdout): see proxy.accesslog
     drain_timeout: float = field(default=0.0, validator=_positive)
     user: str | None = None  # drop to this user once listening
     engine: bool = False  # serve the mappings that spawned pyproxies hand over (proxy.engine)

@@ -23,6 +23,7 @@ from proxy.listeners import (
     go_strerror,
 )
 from proxy.privileges import drop_to
+from proxy.accesslog import setup_access_log
 from proxy.logs import LoopErrorReporter, reopen_log_file, setup_logging
 from proxy.stats import MappingStats
 from proxy.statuspipe import StatusPipe
@@ -221,6 +222,11 @@ def run(config: Config, status: StatusPipe) -> int:
         setup_logging(config)
     except OSError as exc:
         status.fail(f"-log-file {config.log_file}: {go_strerror(exc)}")
+        return 1
+    try:
+        setup_access_log(config)
+    except OSError as exc:
+        status.fail(f"-access-log {config.access_log}: {go_strerror(exc)}")
         return 1
     try:
         return event_loop_runner()(_main(config, status))  # type: ignore[no-any-return]

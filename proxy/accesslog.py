@@ -1,0 +1,146 @@
+"""The access log (-access-log PATH|syslog|-): one line per finished TCP connection, SCTP
+association or UDP flow, saying who, where, how much, how long and how it ended.
+
+Off by default and then free: the relays hold `None` and test it only at a connection's
+events (accept, FIN, close), never per read. TCP bytes come from the kernel at close
+(TCP_INFO's tcpi_bytes_received, which splice's bytes count in too); UDP flows and SCTP
+associations add up their sizes only while the log is on.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import socket
+import struct
+import sys
+import time
+from typing import Any
+
+from attrs import define
+
+from proxy.access import client_ip
+from proxy.config import Config, format_hostport
+from proxy.logs import ReopenableFileHandler, open_syslog
+
+# How a connection ended: the `end` field. A FIN is the normal end and the weakest word: a
+# reset, a timeout or a shutdown that follows it says more about why the connection is gone.
+CLIENT_FIN, BACKEND_FIN = "client-fin", "backend-fin"
+CLIENT_RESET, BACKEND_RESET = "client-reset", "backend-reset"
+CLIENT_ERROR, BACKEND_ERROR = "client-error", "backend-error"
+DIAL_FAILED = "dial-failed"
+IDLE_TIMEOUT = "idle-timeout"
+REFUSED_ALLOW, REFUSED_MAX_CONNS = "refused-allow", "refused-max-conns"
+SHUTDOWN = "shutdown"
+UDP_EXPIRED, UDP_EVICTED = "expired", "evicted"
+_FINS = (None, CLIENT_FIN, BACKEND_FIN)
+
+# struct tcp_info (<linux/tcp.h>, Linux >= 4.1): tcpi_bytes_received, a u64 at offset 128:
+# every byte the peer sent that arrived in order, whether we read it or spliced it.
+_BYTES_RECEIVED = struct.Struct("Q")
+_BYTES_RECEIVED_OFFSET = 128
+
+
+def bytes_received(sock: Any, fin: bool) -> int:
+    """Payload bytes that arrived on this TCP socket. The kernel counts the FIN's sequence
+    number too: `fin` says one arrived (eof_received ran), and takes it off."""
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _BYTES_RECEIVED_OFFSET + 8)
+        count = _BYTES_RECEIVED.unpack_from(info, _BYTES_RECEIVED_OFFSET)[0]
+    except (OSError, AttributeError, struct.error):  # closed already, or an old kernel
+        return 0
+    return max(count - fin, 0)  # type: ignore[no-any-return]
+
+
+def hostport(addr: Any) -> str:
+    """A socket address as ip:port ([v6]:port); an IPv4 client on a dual-stack socket as IPv4."""
+    if not addr:
+        return "-"
+    return format_hostport(client_ip(addr[0]), addr[1])
+
+
+@define(eq=False)
+class Record:
+    """One connection's line, filled in as its events happen (never per read)."""
+
+    log: AccessLog
+    proto: str
+    client: str
+    frontend: str
+    backend: str
+    started: float  # time.monotonic()
+    end: str | None = None
+    error: str = ""  # the reason, in Go's words, for a dial failure or a socket error
+    from_client: int = 0
+    from_backend: int = 0
+    open_sides: int = 1  # TCP: the line is written when the last of its sockets has closed
+
+    def ended(self, end: str, error: str = "") -> None:
+        """Why it ends; a FIN is replaced by anything more telling that follows it."""
+        if self.end in _FINS and (end not in _FINS or self.end is None):
+            self.end, self.error = end, error
+
+    def side_closed(self) -> None:
+        self.open_sides -= 1
+        if self.open_sides == 0:
+            self.log.write(self)
+
+
+class AccessLog:
+    """Where the lines go, and in which format (-log-format: text or json)."""
+
+    def __init__(self, target: str, fmt: str) -> None:
+        self.target = target
+        self.json = fmt == "json"
+        handler: logging.Handler
+        if target == "syslog":
+            handler = open_syslog("-access-log")
+        elif target == "-":
+            handler = logging.StreamHandler(sys.stdout)
+        else:
+            handler = ReopenableFileHandler(target)  # raises OSError naming what is wrong
+            handler.flag = "-access-log"
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        # A logger of its own: its lines are not the operator's log, and never filtered by
+        # -log-level. (A child of "pyproxy", so SIGHUP's reopen finds its file.)
+        self.logger = logging.getLogger("pyproxy.access")
+        self.logger.handlers[:] = [handler]
+        self.logger.setLevel(logging.INFO)
+        self.logger.propagate = False
+
+    def open(self, proto: str, client: Any, frontend: Any, backend: str) -> Record:
+        return Record(self, proto, hostport(client), hostport(frontend), backend,
+                      time.monotonic())
+
+    def write(self, record: Record) -> None:
+        self.logger.info(self.format(record, time.time()))
+
+    def format(self, r: Record, now: float) -> str:
+        duration = round(time.monotonic() - r.started, 6)
+        end = r.end or "closed"  # every way to end names itself; this is never expected
+        if self.json:
+            return json.dumps({
+                "time": _timestamp(now), "proto": r.proto, "client": r.client,
+                "frontend": r.frontend, "backend": r.backend, "bytes_from_client": r.from_client,
+                "bytes_from_backend": r.from_backend, "duration": duration, "end": end,
+                "error": r.error or None,
+            })
+        # HAProxy's tcplog order, one line: fixed fields, the error (free text) last.
+        line = (f"{_timestamp(now)} {r.proto} {r.client} {r.frontend} {r.backend} "
+                f"{r.from_client} {r.from_backend} {duration:.3f}s {end}")
+        return f"{line} {r.error}" if r.error else line
+
+
+def _timestamp(now: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now % 1 * 1000):03d}Z"
+
+
+# The process's access log, or None (off). Process-wide like the log file: set once by
+# proxy.server.run before any relay exists; each relay reads it when it is built.
+current: AccessLog | None = None
+
+
+def setup_access_log(config: Config) -> None:
+    """Open -access-log if given; raises OSError naming what is wrong with the file."""
+    global current
+    current = AccessLog(config.access_log, config.log_format) if config.access_log else None
