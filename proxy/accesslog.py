@@ -9,6 +9,7 @@ associations add up their sizes only while the log is on.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import socket
@@ -19,8 +20,7 @@ from typing import Any
 
 from attrs import define
 
-from proxy.access import client_ip
-from proxy.config import Config, format_hostport
+from proxy.config import Config
 from proxy.logs import ReopenableFileHandler, open_syslog
 
 # How a connection ended: the `end` field. A FIN is the normal end and the weakest word: a
@@ -34,6 +34,9 @@ REFUSED_ALLOW, REFUSED_MAX_CONNS = "refused-allow", "refused-max-conns"
 SHUTDOWN = "shutdown"
 UDP_EXPIRED, UDP_EVICTED = "expired", "evicted"
 _FINS = (None, CLIENT_FIN, BACKEND_FIN)
+# Lines are written in batches, at most this long after their connection ended: one write
+# (and for a file one flush) per batch rather than per connection.
+FLUSH_AFTER = 0.05
 
 # struct tcp_info (<linux/tcp.h>, Linux >= 4.1): tcpi_bytes_received, a u64 at offset 128:
 # every byte the peer sent that arrived in order, whether we read it or spliced it.
@@ -53,10 +56,16 @@ def bytes_received(sock: Any, fin: bool) -> int:
 
 
 def hostport(addr: Any) -> str:
-    """A socket address as ip:port ([v6]:port); an IPv4 client on a dual-stack socket as IPv4."""
+    """A socket address as ip:port ([v6]:port); an IPv4 client on a dual-stack socket as IPv4.
+    (String work, not ipaddress: this runs for every connection.)"""
     if not addr:
         return "-"
-    return format_hostport(client_ip(addr[0]), addr[1])
+    host = addr[0]
+    if ":" not in host:
+        return f"{host}:{addr[1]}"
+    if host.startswith("::ffff:") and "." in host:
+        return f"{host[7:]}:{addr[1]}"
+    return f"[{host}]:{addr[1]}"
 
 
 @define(eq=False)
@@ -101,38 +110,57 @@ class AccessLog:
             handler = ReopenableFileHandler(target)  # raises OSError naming what is wrong
             handler.flag = "-access-log"
         handler.setFormatter(logging.Formatter("%(message)s"))
-        # A logger of its own: its lines are not the operator's log, and never filtered by
-        # -log-level. (A child of "pyproxy", so SIGHUP's reopen finds its file.)
-        self.logger = logging.getLogger("pyproxy.access")
-        self.logger.handlers[:] = [handler]
-        self.logger.setLevel(logging.INFO)
-        self.logger.propagate = False
+        self.handler = handler
+        self.batched = target != "syslog"  # a syslog message is one line
+        # Held by a logger of its own, a child of "pyproxy", so that SIGHUP's reopen finds the
+        # file; lines go to the handler directly (a LogRecord per batch, not per connection).
+        logger = logging.getLogger("pyproxy.access")
+        logger.handlers[:] = [handler]
+        logger.propagate = False
+        self.pending: list[str] = []
+        self._second = -1  # the whole second _stamp is for: one strftime per second
+        self._stamp = ""
 
     def open(self, proto: str, client: Any, frontend: Any, backend: str) -> Record:
         return Record(self, proto, hostport(client), hostport(frontend), backend,
                       time.monotonic())
 
     def write(self, record: Record) -> None:
-        self.logger.info(self.format(record, time.time()))
+        if not self.pending:
+            try:
+                asyncio.get_running_loop().call_later(FLUSH_AFTER, self.flush)
+            except RuntimeError:  # no loop (a unit test): write at once
+                self.pending.append(self.format(record, time.time()))
+                return self.flush()
+        self.pending.append(self.format(record, time.time()))
+
+    def flush(self) -> None:
+        lines, self.pending = self.pending, []
+        if not lines:
+            return
+        for text in ("\n".join(lines),) if self.batched else lines:
+            self.handler.handle(logging.makeLogRecord({"msg": text, "levelno": logging.INFO,
+                                                       "levelname": "INFO"}))
 
     def format(self, r: Record, now: float) -> str:
         duration = round(time.monotonic() - r.started, 6)
         end = r.end or "closed"  # every way to end names itself; this is never expected
+        second = int(now)
+        if second != self._second:
+            self._second = second
+            self._stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        stamp = f"{self._stamp}.{int((now - second) * 1000):03d}Z"
         if self.json:
             return json.dumps({
-                "time": _timestamp(now), "proto": r.proto, "client": r.client,
+                "time": stamp, "proto": r.proto, "client": r.client,
                 "frontend": r.frontend, "backend": r.backend, "bytes_from_client": r.from_client,
                 "bytes_from_backend": r.from_backend, "duration": duration, "end": end,
                 "error": r.error or None,
             })
         # HAProxy's tcplog order, one line: fixed fields, the error (free text) last.
-        line = (f"{_timestamp(now)} {r.proto} {r.client} {r.frontend} {r.backend} "
+        line = (f"{stamp} {r.proto} {r.client} {r.frontend} {r.backend} "
                 f"{r.from_client} {r.from_backend} {duration:.3f}s {end}")
         return f"{line} {r.error}" if r.error else line
-
-
-def _timestamp(now: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now % 1 * 1000):03d}Z"
 
 
 # The process's access log, or None (off). Process-wide like the log file: set once by
@@ -144,3 +172,9 @@ def setup_access_log(config: Config) -> None:
     """Open -access-log if given; raises OSError naming what is wrong with the file."""
     global current
     current = AccessLog(config.access_log, config.log_format) if config.access_log else None
+
+
+def flush_access_log() -> None:
+    """At exit: the lines of the last connections, still waiting for their batch."""
+    if current is not None:
+        current.flush()

@@ -23,7 +23,7 @@ from proxy.listeners import (
     go_strerror,
 )
 from proxy.privileges import drop_to
-from proxy.accesslog import setup_access_log
+from proxy.accesslog import flush_access_log, setup_access_log
 from proxy.logs import LoopErrorReporter, reopen_log_file, setup_logging
 from proxy.stats import MappingStats
 from proxy.statuspipe import StatusPipe
@@ -232,4 +232,6 @@ def run(config: Config, status: StatusPipe) -> int:
         return event_loop_runner()(_main(config, status))  # type: ignore[no-any-return]
     except KeyboardInterrupt:  # a signal before the handlers were installed
         return 0
+    finally:
+        flush_access_log()
 
