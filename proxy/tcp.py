@@ -246,7 +246,7 @@ class ClientSide(_Side):
         if listener.access is not None:
             self.record = listener.access.open(
                 "tcp", transport.get_extra_info("peername"), transport.get_extra_info("sockname"),
-                listener.mapping.backend())
+                listener.backend_text)
         if listener.allow:
             client = transport.get_extra_info("peername")
             if not listener.allow.permits(client[0]):
@@ -346,6 +346,7 @@ class TcpListener:
         self.transparent = config.transparent
         self.idle_timeout = config.idle_timeout
         self.access = accesslog.current  # None: off
+        self.backend_text = mapping.backend()  # for its lines, formatted once
         self.connections: set[ClientSide] = set()
         # Dials under way, by when their current attempt began; oldest first (see _sweep_dials).
         self.dialing: dict[ClientSide, float] = {}
