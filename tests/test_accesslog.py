@@ -24,7 +24,8 @@ from proxy.splice import SPLICE_AFTER, SPLICE_MIN_READ
 from tests.conftest import Proxy, free_port, needs_ipv6, read_status, spawn
 from tests.helpers import tcp_proxy
 from tests.test_engine import spawn_via
-from tests.test_udp import client as udp_client, udp_backend, udp_proxy
+from tests.test_udp import client as udp_client
+from tests.test_udp import udp_backend, udp_proxy
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -145,9 +146,9 @@ async def test_backend_fin_first(access: Lines) -> None:
 
 async def test_client_reset(access: Lines) -> None:
     async with held_backend() as (bport, conns), tcp_proxy(bport) as server:
-        reader, writer = await asyncio.open_connection("127.0.0.1", server.relays[0].port)
+        _reader, writer = await asyncio.open_connection("127.0.0.1", server.relays[0].port)
         writer.write(b"abc")
-        breader, bwriter = await conns.get()
+        breader, _bwriter = await conns.get()
         assert await breader.readexactly(3) == b"abc"
         rst(writer)
         with contextlib.suppress(ConnectionError):
@@ -159,7 +160,7 @@ async def test_client_reset(access: Lines) -> None:
 async def test_backend_reset(access: Lines) -> None:
     async with held_backend() as (bport, conns), tcp_proxy(bport) as server:
         reader, writer = await asyncio.open_connection("127.0.0.1", server.relays[0].port)
-        breader, bwriter = await conns.get()
+        _breader, bwriter = await conns.get()
         bwriter.write(b"xy")
         assert await reader.readexactly(2) == b"xy"
         rst(bwriter)
@@ -220,7 +221,7 @@ async def test_refused_by_allow(access: Lines) -> None:
 async def test_refused_by_max_conns(access: Lines) -> None:
     async with held_backend() as (bport, conns), tcp_proxy(bport, "-max-conns", "1") as server:
         port = server.relays[0].port
-        first_r, first_w = await asyncio.open_connection("127.0.0.1", port)
+        _first_r, first_w = await asyncio.open_connection("127.0.0.1", port)
         await conns.get()  # the first one is served
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         with contextlib.suppress(ConnectionError):
@@ -246,7 +247,7 @@ async def test_idle_timeout(access: Lines) -> None:
 async def test_shutdown_with_a_connection_open(access: Lines) -> None:
     async with held_backend() as (bport, conns):
         async with tcp_proxy(bport) as server:
-            reader, writer = await asyncio.open_connection("127.0.0.1", server.relays[0].port)
+            _reader, writer = await asyncio.open_connection("127.0.0.1", server.relays[0].port)
             writer.write(b"zz")
             breader, _ = await conns.get()
             await breader.readexactly(2)
@@ -307,7 +308,7 @@ async def test_udp_flow_expiry(access: Lines) -> None:
             c.sendto(b"hello", ("127.0.0.1", port))
             assert (await asyncio.to_thread(c.recvfrom, 100))[0] == b"re:hello"
             entry = await access.next()
-            assert entry["client"] == "127.0.0.1:%d" % c.getsockname()[1]
+            assert entry["client"] == f"127.0.0.1:{c.getsockname()[1]}"
     assert entry["proto"] == "udp" and entry["end"] == "expired"
     assert entry["frontend"] == f"127.0.0.1:{port}" and entry["backend"] == f"127.0.0.1:{bport}"
     assert (entry["bytes_from_client"], entry["bytes_from_backend"]) == (5, 8)
@@ -324,7 +325,7 @@ async def test_udp_flow_eviction_and_shutdown(access: Lines) -> None:
                     assert (await asyncio.to_thread(c.recvfrom, 100))[0] == b"re:x"
                 evicted = await access.next()
                 assert evicted["end"] == "evicted"
-                assert evicted["client"] == "127.0.0.1:%d" % first.getsockname()[1]
+                assert evicted["client"] == f"127.0.0.1:{first.getsockname()[1]}"
                 assert (evicted["bytes_from_client"], evicted["bytes_from_backend"]) == (1, 4)
         stopped = await access.next()
     assert stopped["end"] == "shutdown" and stopped["proto"] == "udp"
