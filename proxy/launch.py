@@ -89,6 +89,7 @@ def event_loop_runner() -> Callable[[Coroutine[Any, Any, int]], int]:
 
 def run(config: Config, status: StatusPipe) -> int:
     """Serve `config` in this process until a stop signal; the exit status."""
+    from proxy.ground.accesslog import flush_access_log, setup_access_log
     from proxy.ground.logs import setup_logging
     from proxy.ground.sockets import go_strerror
 
@@ -99,9 +100,16 @@ def run(config: Config, status: StatusPipe) -> int:
         status.fail(f"-log-file {config.log_file}: {go_strerror(exc)}")
         return 1
     try:
+        setup_access_log(config)  # before any relay exists: each reads it when it is built
+    except OSError as exc:
+        status.fail(f"-access-log {config.access_log}: {go_strerror(exc)}")
+        return 1
+    try:
         return event_loop_runner()(_serve(config, status))
     except KeyboardInterrupt:  # a signal before the handlers were installed
         return 0
+    finally:
+        flush_access_log()  # the last connections' lines, still waiting for their batch
 
 
 async def _serve(config: Config, status: StatusPipe) -> int:

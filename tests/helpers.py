@@ -386,6 +386,13 @@ async def udp_backend(host: str = "127.0.0.1", port: int = 0) -> AsyncIterator[t
         transport.close()
 
 
+def udp_client(host: str = "127.0.0.1") -> socket.socket:
+    """A UDP socket bound on `host` (IPv4 or IPv6) to an ephemeral port: one client."""
+    s = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_DGRAM)
+    s.bind((host, 0))
+    return s
+
+
 def udp_proxy(backend_port: int, *extra: str, host_ip: str = "127.0.0.1",
               container_ip: str = "127.0.0.1"):  # type: ignore[no-untyped-def]
     return proxy("-proto", "udp", "-host-ip", host_ip, "-host-port", "0",

@@ -8,7 +8,7 @@ import socket
 import pytest
 
 from proxy.relays.udp import FlowTable
-from tests.helpers import free_port, needs_ipv6, udp_backend, udp_proxy
+from tests.helpers import free_port, needs_ipv6, udp_backend, udp_client, udp_proxy
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -17,12 +17,6 @@ def ask(sock: socket.socket, dest: tuple, payload: bytes, timeout: float = 3) ->
     sock.settimeout(timeout)
     sock.sendto(payload, dest)
     return sock.recvfrom(65536)
-
-
-def client(host: str = "127.0.0.1") -> socket.socket:
-    s = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_DGRAM)
-    s.bind((host, 0))
-    return s
 
 
 @pytest.mark.parametrize("host_ip, container_ip", [
@@ -35,7 +29,7 @@ async def test_udp_echo(host_ip: str, container_ip: str) -> None:
         bport, host_ip=host_ip, container_ip=container_ip
     ) as server:
         port = server.relays[0].port
-        with client(host_ip) as c:
+        with udp_client(host_ip) as c:
             data, src = await asyncio.to_thread(ask, c, (host_ip, port), b"hello")
         assert data == b"re:hello"
         assert src[1] == port
@@ -44,7 +38,7 @@ async def test_udp_echo(host_ip: str, container_ip: str) -> None:
 async def test_200_clients_each_get_their_answers_from_distinct_source_ports() -> None:
     async with udp_backend() as (bport, backend), udp_proxy(bport) as server:
         port = server.relays[0].port
-        clients = [client() for _ in range(200)]
+        clients = [udp_client() for _ in range(200)]
 
         def exchange_all() -> bool:
             for round_ in range(3):
@@ -70,7 +64,7 @@ async def test_reply_comes_from_the_address_the_client_sent_to() -> None:
     """Bound to 0.0.0.0; a client asking 127.0.0.2 must get the answer from 127.0.0.2."""
     async with udp_backend() as (bport, _), udp_proxy(bport, host_ip="0.0.0.0") as server:
         port = server.relays[0].port
-        with client() as c:
+        with udp_client() as c:
             for dest in ("127.0.0.2", "127.0.0.3", "127.0.0.1"):
                 data, src = await asyncio.to_thread(ask, c, (dest, port), b"q")
                 assert (data, src) == (b"re:q", (dest, port))
@@ -80,7 +74,7 @@ async def test_reply_comes_from_the_address_the_client_sent_to() -> None:
 async def test_ipv6_wildcard_replies_from_the_address_asked() -> None:
     async with udp_backend() as (bport, _), udp_proxy(bport, host_ip="::") as server:
         port = server.relays[0].port
-        with client("::1") as c:
+        with udp_client("::1") as c:
             data, src = await asyncio.to_thread(ask, c, ("::1", port), b"q")
         assert data == b"re:q" and src[:2] == ("::1", port)
 
@@ -89,7 +83,7 @@ async def test_backend_absent_then_appearing_keeps_the_flow() -> None:
     bport = free_port(kind=socket.SOCK_DGRAM)
     async with udp_proxy(bport) as server:
         port = server.relays[0].port
-        with client() as c:
+        with udp_client() as c:
             c.sendto(b"early", ("127.0.0.1", port))  # ICMP port unreachable comes back
             await asyncio.sleep(0.2)
             c.sendto(b"early2", ("127.0.0.1", port))
@@ -117,7 +111,7 @@ async def test_one_sided_flow_keeps_its_source_port_then_expires() -> None:
     try:
         async with udp_proxy(bport, "-udp-timeout", "300ms") as server:
             port = server.relays[0].port
-            with client() as c:
+            with udp_client() as c:
                 for _ in range(8):  # 1.2 s of one-way traffic, four times the timeout
                     c.sendto(b"tick", ("127.0.0.1", port))
                     await asyncio.sleep(0.15)
@@ -138,7 +132,7 @@ async def test_largest_datagram_passes_whole_both_ways() -> None:
         port = server.relays[0].port
         payload = bytes(range(256)) * 255 + b"x" * 227  # 65507 bytes: IPv4's largest
         assert len(payload) == 65507
-        with client() as c:
+        with udp_client() as c:
             data, _ = await asyncio.to_thread(ask, c, ("127.0.0.1", port), payload)
         assert data == payload
 
@@ -146,7 +140,7 @@ async def test_largest_datagram_passes_whole_both_ways() -> None:
 async def test_flow_cap_evicts_the_idlest_flow() -> None:
     async with udp_backend() as (bport, backend), udp_proxy(bport, "-udp-max-flows", "3") as server:
         port = server.relays[0].port
-        clients = [client() for _ in range(4)]
+        clients = [udp_client() for _ in range(4)]
         try:
             for c in clients[:3]:
                 await asyncio.to_thread(ask, c, ("127.0.0.1", port), b"hi")

@@ -325,6 +325,7 @@ class ProcessOptions:
     log_level: str = "info"
     log_format: str = "text"
     log_file: str | None = None
+    access_log: str | None = None  # PATH, "syslog" or "-" (stdout): see proxy.ground.accesslog
     drain_timeout: float = _option("0", parse_duration, validator=_positive)
     user: str | None = None  # drop to this user once listening
     engine: bool = False  # serve the mappings that spawned pyproxies hand over (modes.engine)

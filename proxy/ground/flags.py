@@ -227,6 +227,9 @@ def build_parser() -> argparse.ArgumentParser:
     flag("log-format", _parse_choice("text", "json"), _default("log_format"), "text or json")
     flag("log-file", None, None, "log to PATH, a file or device (reopened on SIGHUP), or "
          "'syslog' (default: stderr)", metavar="PATH")
+    flag("access-log", None, None, "write a line per finished connection or UDP flow to "
+         "PATH (reopened on SIGHUP), 'syslog' or '-' (stdout), in -log-format "
+         "(default: off)", metavar="PATH")
     flag("user", None, None, "once every port is bound, run as this user, name or uid "
          "(default: stay as started)", metavar="NAME")
     boolean("engine", "run the shared engine that serves the mappings of spawned pyproxies")

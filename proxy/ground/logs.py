@@ -50,6 +50,7 @@ class ReportOnce(logging.Handler):
 
     failing = False  # set while writes fail; True from the start if we already said why
     _failed_now = False
+    flag = "-log-file"  # the flag that named this target, for the message
 
     def emit(self, record: logging.LogRecord) -> None:
         self._failed_now = False
@@ -65,7 +66,7 @@ class ReportOnce(logging.Handler):
         exc = sys.exc_info()[1]
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else repr(exc)
         try:
-            sys.stderr.write(f"pyproxy: -log-file {self.target}: cannot write: {reason}; "
+            sys.stderr.write(f"pyproxy: {self.flag} {self.target}: cannot write: {reason}; "
                              "log lines are lost until it works again\n")
             sys.stderr.flush()
         except (OSError, ValueError, AttributeError):  # no stderr either: nowhere to say it
@@ -110,8 +111,8 @@ class ReopenableFileHandler(ReportOnce, logging.FileHandler):
         try:
             stream = self._open()
         except OSError as exc:  # e.g. after -user, a new file we may not create: keep the old
-            log.warning("-log-file %s: reopen: %s; still writing to the old file",
-                        self.baseFilename, exc.strerror or exc)
+            log.warning("%s %s: reopen: %s; still writing to the old file",
+                        self.flag, self.baseFilename, exc.strerror or exc)
             return
         old = self.setStream(stream)
         if old is not None:
@@ -126,19 +127,25 @@ def _refuse_unless_file(mode: int) -> None:
     raise OSError(f"is {kind}; give a regular file, a character device or 'syslog'")
 
 
+def open_syslog(flag: str) -> SyslogHandler:
+    """A handler for syslog, as `flag` (-log-file, -access-log) asked."""
+    # Like openlog(3), a syslog daemon that is not there yet is not an error: each message
+    # tries again. But say so once, where someone starting us by hand will see it.
+    syslog = SyslogHandler(address=SYSLOG_SOCKET)
+    syslog.flag = flag
+    if not os.path.exists(SYSLOG_SOCKET):
+        sys.stderr.write(f"pyproxy: {flag} syslog: {SYSLOG_SOCKET} does not exist; "
+                         "logs are dropped until a syslog daemon listens there\n")
+        syslog.failing = True  # just said so: not again for every line
+    syslog.ident = f"pyproxy[{os.getpid()}]: "
+    return syslog
+
+
 def setup_logging(config: ProcessOptions) -> None:
     """Configure the "pyproxy" logger; raises OSError naming the file if it can't be opened."""
     handler: logging.Handler
     if config.log_file == "syslog":
-        # Like openlog(3), a syslog daemon that is not there yet is not an error: each message
-        # tries again. But say so once, where someone starting us by hand will see it.
-        syslog = SyslogHandler(address=SYSLOG_SOCKET)
-        if not os.path.exists(SYSLOG_SOCKET):
-            sys.stderr.write(f"pyproxy: -log-file syslog: {SYSLOG_SOCKET} does not exist; "
-                             "logs are dropped until a syslog daemon listens there\n")
-            syslog.failing = True  # just said so: not again for every line
-        handler = syslog
-        handler.ident = f"pyproxy[{os.getpid()}]: "
+        handler = open_syslog("-log-file")
     elif config.log_file:
         handler = ReopenableFileHandler(config.log_file)
     else:
@@ -155,7 +162,8 @@ def setup_logging(config: ProcessOptions) -> None:
 
 
 def reopen_log_file() -> None:
-    for handler in log.handlers:
+    """SIGHUP: open -log-file and -access-log (the "pyproxy.access" logger) afresh."""
+    for handler in (*log.handlers, *logging.getLogger("pyproxy.access").handlers):
         if isinstance(handler, ReopenableFileHandler):
             handler.reopen()
 

@@ -49,6 +49,8 @@ _ENGINE_WIDE = {
     "log_format": "the engine has one log for every mapping; give -log-format to "
                   "`pyproxy -engine`",
     "log_file": "the engine has one log for every mapping; give -log-file to `pyproxy -engine`",
+    "access_log": "the engine has one access log for every mapping; give -access-log to "
+                  "`pyproxy -engine`",
     "drain_timeout": "the engine releases a mapping as soon as its pyproxy is stopped",
     "user": "it would change the user of every mapping; run the engine as that user",
     "engine": "this is an engine already",

@@ -21,6 +21,7 @@ import socket
 import struct
 from time import perf_counter
 
+from proxy.ground import accesslog
 from proxy.ground.access import AllowList
 from proxy.ground.config import Mapping, RelayOptions
 from proxy.ground.sockets import Backoff, abort, dial_error, go_strerror, set_buffer_size
@@ -187,7 +188,7 @@ class Association:
     """A client's association and the one dialled to the container for it."""
 
     __slots__ = ("listener", "loop", "client", "peer", "container", "directions", "dial",
-                 "closing", "closed", "messages", "messages_seen", "quiet_since")
+                 "closing", "closed", "messages", "messages_seen", "quiet_since", "record")
 
     def __init__(self, listener: SctpListener, client: socket.socket, peer: tuple) -> None:
         self.listener = listener
@@ -204,6 +205,7 @@ class Association:
         self.messages = 0
         self.messages_seen = 0
         self.quiet_since = 0.0
+        self.record: accesslog.Record | None = None  # set by LoggedAssociation
 
     def connected(self, container: socket.socket) -> None:
         """The backend answered: relay both ways. Until now the client's messages waited in
@@ -236,6 +238,8 @@ class Association:
         return now - self.quiet_since
 
     def close_idle(self) -> None:
+        if self.record is not None:
+            self.record.ended(accesslog.IDLE_TIMEOUT)  # unless abort_all said "shutdown"
         self.close()
 
     def ended(self, direction: _Direction) -> None:
@@ -243,6 +247,9 @@ class Association:
         that direction (if any) is out, close both sides."""
         self.loop.remove_reader(direction.src.fileno())
         self.closing = True
+        if self.record is not None:
+            self.record.ended(accesslog.CLIENT_FIN if direction.from_client
+                              else accesslog.BACKEND_FIN)
         if direction.pending is None:
             self.close()
 
@@ -252,6 +259,13 @@ class Association:
             side = "container" if direction.from_client == sending else "client"
             log.warning("sctp: client %s: %s %s: %s", self.peer[0:2],
                         "send to" if sending else "receive from", side, go_strerror(exc))
+        if self.record is not None:
+            client = direction.from_client != sending
+            if exc.errno == errno.ECONNRESET:
+                self.record.ended(accesslog.CLIENT_RESET if client else accesslog.BACKEND_RESET)
+            else:
+                self.record.ended(accesslog.CLIENT_ERROR if client else accesslog.BACKEND_ERROR,
+                                  go_strerror(exc))
         self.close(abort_all=True)
 
     def close(self, *, abort_all: bool = False) -> None:
@@ -270,6 +284,22 @@ class Association:
             else:
                 sock.close()
         self.listener.forget(self)
+        if self.record is not None:
+            self.record.side_closed()
+
+
+class LoggedAssociation(Association):
+    """An association that adds up its bytes for the access log: a class of its own, so that
+    with the log off not even a test is added per message."""
+
+    __slots__ = ()
+
+    def count(self, from_client: bool, size: int) -> None:
+        super().count(from_client, size)
+        if from_client:
+            self.record.from_client += size  # type: ignore[union-attr]
+        else:
+            self.record.from_backend += size  # type: ignore[union-attr]
 
 
 class SctpListener:
@@ -284,6 +314,7 @@ class SctpListener:
         self.dial_timeout = config.dial_timeout
         self.dial_retry = config.dial_retry
         self.idle_timeout = config.idle_timeout
+        self.access = accesslog.current  # None: off
         self.connections: set[Association] = set()
         self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]  # set in start()
         self._backend = mapping.backend_address
@@ -319,6 +350,8 @@ class SctpListener:
         """Abort every open association now; returns how many there were."""
         open_now = list(self.connections)
         for assoc in open_now:
+            if assoc.record is not None:
+                assoc.record.ended(accesslog.SHUTDOWN)
             assoc.close(abort_all=True)
         return len(open_now)
 
@@ -356,13 +389,24 @@ class SctpListener:
     def _serve(self, sock: socket.socket, peer: tuple) -> None:
         stats = self.stats
         stats.accepted += 1
+        record = None
+        if self.access is not None:
+            record = self.access.open(self.mapping.proto, peer, sock.getsockname(), self.mapping.backend())
+        refused = None
         if self.allow and not self.allow.permits(peer[0]):
             stats.rejected_denied += 1
-            return abort(sock)
-        if self.max_conns and len(self.connections) >= self.max_conns:
+            refused = accesslog.REFUSED_ALLOW
+        elif self.max_conns and len(self.connections) >= self.max_conns:
             stats.rejected_limit += 1
-            return abort(sock)
-        assoc = Association(self, sock, peer)
+            refused = accesslog.REFUSED_MAX_CONNS
+        if refused is not None:
+            abort(sock)
+            if record is not None:
+                record.ended(refused)
+                record.side_closed()
+            return
+        assoc = (Association if record is None else LoggedAssociation)(self, sock, peer)
+        assoc.record = record
         self.connections.add(assoc)
         stats.active += 1
         assoc.dial = self.loop.create_task(self._dial(assoc))
@@ -408,4 +452,6 @@ class SctpListener:
         self.stats.dial_failures += 1
         log.warning("sctp: client %s: dial %s: %s", assoc.peer[0:2], self.mapping.backend(),
                     dial_error(exc))
+        if assoc.record is not None:
+            assoc.record.ended(accesslog.DIAL_FAILED, dial_error(exc))
         assoc.close(abort_all=True)

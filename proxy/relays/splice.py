@@ -43,6 +43,8 @@ class Spliceable(Protocol):
 
     def ended(self) -> None: ...
 
+    def failed(self, exc: BaseException) -> None: ...  # for the access log
+
 
 # Switch after this many reads of at least SPLICE_MIN_READ bytes (see benchmarks/README.md
 # for how the point was measured).
@@ -89,7 +91,7 @@ class Splicer:
                 except BlockingIOError:
                     return  # nothing more to read for now
                 except OSError as exc:
-                    return self._failed(exc)
+                    return self._failed(exc, self.src)
                 if moved == 0:
                     return self._source_ended()
                 self.pending = moved
@@ -102,7 +104,7 @@ class Splicer:
                 self.loop.add_writer(self.dst_fd, self._drain)
                 return
             except OSError as exc:
-                return self._failed(exc)
+                return self._failed(exc, self.dst)
 
     def _drain(self) -> None:
         try:
@@ -110,7 +112,7 @@ class Splicer:
         except BlockingIOError:
             return
         except OSError as exc:
-            return self._failed(exc)
+            return self._failed(exc, self.dst)
         if self.pending == 0:
             self.loop.remove_writer(self.dst_fd)
             self.loop.add_reader(self.src_fd, self._pump)
@@ -120,8 +122,10 @@ class Splicer:
         self.stop()
         src.ended()  # the FIN goes on, as with the transports
 
-    def _failed(self, exc: OSError) -> None:
+    def _failed(self, exc: OSError, side: Spliceable) -> None:
+        """`side`'s socket failed: the transports never see it, so say it for the access log."""
         src, dst = self.src, self.dst
+        side.failed(exc)
         self.stop()
         # as connection_lost(exc) would: an error on one side is a reset on the other
         if dst.transport is not None:

@@ -16,7 +16,7 @@ import struct
 from time import perf_counter
 from typing import TYPE_CHECKING, cast
 
-from proxy.ground import proxyproto, transparent
+from proxy.ground import accesslog, proxyproto, transparent
 from proxy.ground.access import AllowList
 from proxy.ground.config import Mapping, RelayOptions
 from proxy.ground.sockets import BACKLOG, Backoff, dial_error, reset, set_keepalive
@@ -56,7 +56,8 @@ class _Side(asyncio.Protocol):
     """One end of a relayed connection. `peer` is the other end, once it exists."""
 
     __slots__ = ("transport", "peer", "eof", "stats", "loop", "big_reads", "can_splice",
-                 "splicer")
+                 "splicer", "record")
+    FROM_CLIENT = False  # which way this side's bytes go, for the access log
 
     def __init__(self, stats: MappingStats, loop: asyncio.AbstractEventLoop) -> None:
         self.transport: Transport | None = None
@@ -67,6 +68,7 @@ class _Side(asyncio.Protocol):
         self.big_reads = 0  # full-size reads seen: a bulk direction switches to splice
         self.can_splice = True  # False once a Splicer could not be made (no fds for it)
         self.splicer: Splicer | None = None
+        self.record: accesslog.Record | None = None  # the access log's line, if it is on
 
     def connection_made(self, transport: BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -80,6 +82,8 @@ class _Side(asyncio.Protocol):
         """Our peer sent its FIN. Half-close: pass it on and keep the reverse direction
         flowing; once both directions have ended, close both ends."""
         self.eof = True
+        if self.record is not None:
+            self.record.ended(accesslog.CLIENT_FIN if self.FROM_CLIENT else accesslog.BACKEND_FIN)
         peer = self.peer
         if peer is not None and peer.transport is not None:
             if peer.eof:
@@ -113,6 +117,8 @@ class _Side(asyncio.Protocol):
             self.peer.transport.resume_reading()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self.record is not None:
+            self.logged_close(self.record, exc)
         peer, self.peer = self.peer, None
         for side in (self, peer):  # neither direction can splice through a closed socket
             if side is not None and side.splicer is not None:
@@ -125,6 +131,29 @@ class _Side(asyncio.Protocol):
                     reset(peer.transport)
                 else:
                     peer.transport.close()
+
+    def logged_close(self, record: accesslog.Record, exc: Exception | None) -> None:
+        """Access log: what arrived on this socket (the kernel's count: spliced bytes too),
+        and how it failed if it did; the line is written once both sockets are closed."""
+        sock = self.transport.get_extra_info("socket")  # type: ignore[union-attr]
+        count = accesslog.bytes_received(sock, self.eof)
+        if self.FROM_CLIENT:
+            record.from_client = count
+        else:
+            record.from_backend = count
+        if exc is not None:
+            self.failed(exc)
+        record.side_closed()
+
+    def failed(self, exc: BaseException) -> None:
+        """For the access log: this side's socket failed (a reset, or another error)."""
+        if self.record is not None:
+            if isinstance(exc, ConnectionResetError):
+                self.record.ended(accesslog.CLIENT_RESET if self.FROM_CLIENT
+                                  else accesslog.BACKEND_RESET)
+            else:
+                self.record.ended(accesslog.CLIENT_ERROR if self.FROM_CLIENT
+                                  else accesslog.BACKEND_ERROR, dial_error(exc))
 
     def close(self) -> None:
         """Both directions done: close both ends after their buffers drain."""
@@ -142,6 +171,7 @@ class ContainerSide(_Side):
         super().__init__(client.stats, client.loop)
         self.peer = client
         self.header = header
+        self.record = client.record
 
     def connection_made(self, transport: BaseTransport) -> None:
         # Pair up here, not after create_connection() returns: the event loop may deliver the
@@ -161,9 +191,11 @@ class ContainerSide(_Side):
             finally:
                 sock.detach()
         if client.transport is None or client.transport.is_closing():
-            self.peer = None
+            self.peer = self.record = None
             cast("Transport", transport).abort()  # the client left while we were dialling
             return
+        if self.record is not None:
+            self.record.open_sides += 1
         client.connected(self, self.header)
 
     def data_received(self, data: bytes) -> None:
@@ -180,6 +212,7 @@ class ClientSide(_Side):
     """An accepted client; dials the container, and holds early data until that succeeds."""
 
     __slots__ = ("listener", "early", "early_size", "dial", "dial_timed_out")
+    FROM_CLIENT = True
 
     def __init__(self, listener: TcpListener) -> None:
         super().__init__(listener.stats, listener.loop)
@@ -194,23 +227,31 @@ class ClientSide(_Side):
         listener = self.listener
         stats = self.stats
         stats.accepted += 1
+        if listener.access is not None:
+            self.record = listener.access.open(
+                listener.mapping.proto, transport.get_extra_info("peername"),
+                transport.get_extra_info("sockname"),
+                listener.backend_text)
         if listener.allow:
             client = transport.get_extra_info("peername")
             if not listener.allow.permits(client[0]):
                 stats.rejected_denied += 1
-                return self._refuse()
+                return self._refuse(accesslog.REFUSED_ALLOW)
         if listener.max_conns and len(listener.connections) >= listener.max_conns:
             stats.rejected_limit += 1
-            return self._refuse()
+            return self._refuse(accesslog.REFUSED_MAX_CONNS)
         listener.connections.add(self)
         stats.active += 1
         self.dial = listener.loop.create_task(listener.dial(self))
 
-    def _refuse(self) -> None:
+    def _refuse(self, why: str) -> None:
         """Reset a client we won't serve; it never counts as active (see connection_lost)."""
         transport, self.transport = self.transport, None
         assert transport is not None
         reset(transport)
+        if self.record is not None:
+            self.record.ended(why)
+            self.record.side_closed()
 
     def data_received(self, data: bytes) -> None:
         peer = self.peer
@@ -229,6 +270,8 @@ class ClientSide(_Side):
         self.stats.bytes_from_client += size
 
     def eof_received(self) -> bool:
+        if self.record is not None:
+            self.record.ended(accesslog.CLIENT_FIN)
         if self.peer is None:
             self.eof = True  # delivered after the early data once the backend is connected
             return True
@@ -269,6 +312,8 @@ class ClientSide(_Side):
 
     def close_idle(self) -> None:
         """Close both ends now (the peers see a FIN; nothing is waiting to be sent)."""
+        if self.record is not None:
+            self.record.ended(accesslog.IDLE_TIMEOUT)  # unless abort_all said "shutdown"
         for side in (self, self.peer):
             if side is not None and side.transport is not None:
                 side.transport.abort()
@@ -288,6 +333,8 @@ class TcpListener:
         self.dial_retry = config.dial_retry
         self.transparent = config.transparent
         self.idle_timeout = config.idle_timeout
+        self.access = accesslog.current  # None: off
+        self.backend_text = mapping.backend()  # for its lines, formatted once
         self.connections: set[ClientSide] = set()
         # Dials under way, by when their current attempt began; oldest first (see _sweep_dials).
         self.dialing: dict[ClientSide, float] = {}
@@ -324,6 +371,8 @@ class TcpListener:
         """Close every open connection now; returns how many there were."""
         open_now = list(self.connections)
         for client in open_now:
+            if client.record is not None:
+                client.record.ended(accesslog.SHUTDOWN)
             client.close_idle()
         return len(open_now)
 
@@ -412,6 +461,8 @@ class TcpListener:
         reason = dial_error(exc)
         if isinstance(exc, TimeoutError) and self.transparent:
             reason += " (with -transparent: is the policy routing for replies in place?)"
+        if client.record is not None:
+            client.record.ended(accesslog.DIAL_FAILED, reason)
         peer = client.transport.get_extra_info("peername") if client.transport else None
         log.warning(
             "%s: client %s: dial %s: %s", self.mapping.proto, peer and peer[0:2],

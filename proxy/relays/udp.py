@@ -21,7 +21,7 @@ from typing import Any
 
 from attrs import define
 
-from proxy.ground import proxyproto, transparent
+from proxy.ground import accesslog, proxyproto, transparent
 from proxy.ground.access import AllowList
 from proxy.ground.budget import FlowBudget, process_budget
 from proxy.ground.config import Mapping, RelayOptions
@@ -56,6 +56,7 @@ class Flow:
     reply_ancillary: Ancillary | None = None  # source address for replies
     pktinfo_seen: bytes = b""
     header: bytes | None = None  # PROXY v2 header prefixed to every datagram, if enabled
+    record: accesslog.Record | None = None  # the access log's line, if it is on
 
 
 class FlowTable(OrderedDict[Any, Flow]):
@@ -120,6 +121,7 @@ class UdpRelay:
         self.allow = AllowList(config.allow)
         self.proxy_protocol = config.proxy_protocol
         self.transparent = config.transparent
+        self.access = accesslog.current  # None: off
         self._backend = mapping.backend_address
         self._backend_family = mapping.backend_family
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -154,7 +156,7 @@ class UdpRelay:
             self._sweeper.cancel()
         self.budget.leave(self)
         for flow in self.flows.values():
-            self._close_flow(flow)
+            self._close_flow(flow, accesslog.SHUTDOWN)
         self.flows.clear()
         self._sock.close()
         self._sock = None
@@ -166,6 +168,7 @@ class UdpRelay:
         assert sock is not None and self._loop is not None
         recvmsg = sock.recvmsg
         now = self._loop.time()
+        counting = self.access is not None  # sizes are added up only for the access log
         for _ in range(BURST):
             try:
                 data, ancillary, _flags, client = recvmsg(MAX_DATAGRAM, ANCILLARY_SPACE)
@@ -187,6 +190,8 @@ class UdpRelay:
                     flow.pktinfo_seen = info
                     flow.reply_ancillary = _reply_pktinfo(level, kind, info)
             stats.datagrams_from_client += 1
+            if counting:
+                flow.record.from_client += len(data)  # type: ignore[union-attr]
             self._to_container(flow, data)
 
     def _to_container(self, flow: Flow, data: bytes) -> None:
@@ -243,6 +248,9 @@ class UdpRelay:
         flow = Flow(client, sock, now)
         if self.proxy_protocol:
             flow.header = proxyproto.header(2, "udp", client, self._destination(ancillary))
+        if self.access is not None:
+            flow.record = self.access.open(self.mapping.proto, client, self._destination(ancillary),
+                                           self.mapping.backend())
         self.flows[client] = flow
         assert self._loop is not None
         self._loop.add_reader(sock.fileno(), self._from_container, flow)
@@ -281,6 +289,7 @@ class UdpRelay:
         assert sock is not None and loop is not None
         recv = flow.sock.recv
         client = flow.client
+        record = flow.record
         socket_error = False
         for _ in range(BURST):
             try:
@@ -293,6 +302,8 @@ class UdpRelay:
                 socket_error = True
                 continue
             stats.datagrams_from_container += 1
+            if record is not None:
+                record.from_backend += len(data)
             try:
                 if flow.reply_ancillary is not None:
                     sock.sendmsg([data], flow.reply_ancillary, 0, client)
@@ -320,7 +331,7 @@ class UdpRelay:
     def _sweep(self) -> None:
         assert self._loop is not None
         for flow in self.flows.expire(self._loop.time(), self.timeout):
-            self._close_flow(flow)
+            self._close_flow(flow, accesslog.UDP_EXPIRED)
             self.stats.flows_expired += 1
         self._schedule_sweep()
 
@@ -340,13 +351,16 @@ class UdpRelay:
         # Replies already queued for it still reach the client: under a flood a flow may be
         # evicted within a millisecond of its request, often with the answer in its socket.
         self._from_container(flow)
-        self._close_flow(flow)
+        self._close_flow(flow, accesslog.UDP_EVICTED)
         self.stats.flows_evicted += 1
 
-    def _close_flow(self, flow: Flow) -> None:
+    def _close_flow(self, flow: Flow, why: str) -> None:
         assert self._loop is not None
         self._loop.remove_reader(flow.sock.fileno())
         flow.sock.close()
         self.budget.used -= 1
         self.stats.flows_active -= 1
+        if flow.record is not None:
+            flow.record.ended(why)
+            flow.record.side_closed()
 

@@ -1,0 +1,180 @@
+"""The access log (-access-log PATH|syslog|-): one line per finished TCP connection, SCTP
+association or UDP flow, saying who, where, how much, how long and how it ended.
+
+Off by default and then free: the relays hold `None` and test it only at a connection's
+events (accept, FIN, close), never per read. TCP bytes come from the kernel at close
+(TCP_INFO's tcpi_bytes_received, which splice's bytes count in too); UDP flows and SCTP
+associations add up their sizes only while the log is on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import socket
+import struct
+import sys
+import time
+from typing import Any
+
+from attrs import define
+
+from proxy.ground.config import ProcessOptions
+from proxy.ground.logs import ReopenableFileHandler, open_syslog
+
+# How a connection ended: the `end` field. A FIN is the normal end and the weakest word: a
+# reset, a timeout or a shutdown that follows it says more about why the connection is gone.
+CLIENT_FIN, BACKEND_FIN = "client-fin", "backend-fin"
+CLIENT_RESET, BACKEND_RESET = "client-reset", "backend-reset"
+CLIENT_ERROR, BACKEND_ERROR = "client-error", "backend-error"
+DIAL_FAILED = "dial-failed"
+IDLE_TIMEOUT = "idle-timeout"
+REFUSED_ALLOW, REFUSED_MAX_CONNS = "refused-allow", "refused-max-conns"
+SHUTDOWN = "shutdown"
+UDP_EXPIRED, UDP_EVICTED = "expired", "evicted"
+_FINS = (None, CLIENT_FIN, BACKEND_FIN)
+# Lines are written in batches, at most this long after their connection ended: one write
+# (and for a file one flush) per batch rather than per connection.
+FLUSH_AFTER = 0.05
+
+# struct tcp_info (<linux/tcp.h>, Linux >= 4.1): tcpi_bytes_received, a u64 at offset 128:
+# every byte the peer sent that arrived in order, whether we read it or spliced it.
+_BYTES_RECEIVED = struct.Struct("Q")
+_BYTES_RECEIVED_OFFSET = 128
+
+
+def bytes_received(sock: Any, fin: bool) -> int:
+    """Payload bytes that arrived on this TCP socket. The kernel counts the FIN's sequence
+    number too: `fin` says one arrived (eof_received ran), and takes it off."""
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _BYTES_RECEIVED_OFFSET + 8)
+        count = _BYTES_RECEIVED.unpack_from(info, _BYTES_RECEIVED_OFFSET)[0]
+    except (OSError, AttributeError, struct.error):  # closed already, or an old kernel
+        return 0
+    return max(count - fin, 0)  # type: ignore[no-any-return]
+
+
+def hostport(addr: Any) -> str:
+    """A socket address as ip:port ([v6]:port); an IPv4 client on a dual-stack socket as IPv4.
+    (String work, not ipaddress: this runs for every connection.)"""
+    if not addr:
+        return "-"
+    host = addr[0]
+    if ":" not in host:
+        return f"{host}:{addr[1]}"
+    if host.startswith("::ffff:") and "." in host:
+        return f"{host[7:]}:{addr[1]}"
+    return f"[{host}]:{addr[1]}"
+
+
+@define(eq=False)
+class Record:
+    """One connection's line, filled in as its events happen (never per read)."""
+
+    log: AccessLog
+    proto: str
+    client: str
+    frontend: str
+    backend: str
+    started: float  # time.monotonic()
+    end: str | None = None
+    error: str = ""  # the reason, in Go's words, for a dial failure or a socket error
+    from_client: int = 0
+    from_backend: int = 0
+    open_sides: int = 1  # TCP: the line is written when the last of its sockets has closed
+
+    def ended(self, end: str, error: str = "") -> None:
+        """Why it ends; a FIN is replaced by anything more telling that follows it."""
+        if self.end in _FINS and (end not in _FINS or self.end is None):
+            self.end, self.error = end, error
+
+    def side_closed(self) -> None:
+        self.open_sides -= 1
+        if self.open_sides == 0:
+            self.log.write(self)
+
+
+class AccessLog:
+    """Where the lines go, and in which format (-log-format: text or json)."""
+
+    def __init__(self, target: str, fmt: str) -> None:
+        self.target = target
+        self.json = fmt == "json"
+        handler: logging.Handler
+        if target == "syslog":
+            handler = open_syslog("-access-log")
+        elif target == "-":
+            handler = logging.StreamHandler(sys.stdout)
+        else:
+            handler = ReopenableFileHandler(target)  # raises OSError naming what is wrong
+            handler.flag = "-access-log"
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        self.handler = handler
+        self.batched = target != "syslog"  # a syslog message is one line
+        # Held by a logger of its own, a child of "pyproxy", so that SIGHUP's reopen finds the
+        # file; lines go to the handler directly (a LogRecord per batch, not per connection).
+        logger = logging.getLogger("pyproxy.access")
+        logger.handlers[:] = [handler]
+        logger.propagate = False
+        self.pending: list[str] = []
+        self._second = -1  # the whole second _stamp is for: one strftime per second
+        self._stamp = ""
+
+    def open(self, proto: str, client: Any, frontend: Any, backend: str) -> Record:
+        return Record(self, proto, hostport(client), hostport(frontend), backend,
+                      time.monotonic())
+
+    def write(self, record: Record) -> None:
+        if not self.pending:
+            try:
+                asyncio.get_running_loop().call_later(FLUSH_AFTER, self.flush)
+            except RuntimeError:  # no loop (a unit test): write at once
+                self.pending.append(self.format(record, time.time()))
+                return self.flush()
+        self.pending.append(self.format(record, time.time()))
+
+    def flush(self) -> None:
+        lines, self.pending = self.pending, []
+        if not lines:
+            return
+        for text in ("\n".join(lines),) if self.batched else lines:
+            self.handler.handle(logging.makeLogRecord({"msg": text, "levelno": logging.INFO,
+                                                       "levelname": "INFO"}))
+
+    def format(self, r: Record, now: float) -> str:
+        duration = round(time.monotonic() - r.started, 6)
+        end = r.end or "closed"  # every way to end names itself; this is never expected
+        second = int(now)
+        if second != self._second:
+            self._second = second
+            self._stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        stamp = f"{self._stamp}.{int((now - second) * 1000):03d}Z"
+        if self.json:
+            return json.dumps({
+                "time": stamp, "proto": r.proto, "client": r.client,
+                "frontend": r.frontend, "backend": r.backend, "bytes_from_client": r.from_client,
+                "bytes_from_backend": r.from_backend, "duration": duration, "end": end,
+                "error": r.error or None,
+            })
+        # HAProxy's tcplog order, one line: fixed fields, the error (free text) last.
+        line = (f"{stamp} {r.proto} {r.client} {r.frontend} {r.backend} "
+                f"{r.from_client} {r.from_backend} {duration:.3f}s {end}")
+        return f"{line} {r.error}" if r.error else line
+
+
+# The process's access log, or None (off). Process-wide like the log file: set once by
+# proxy.launch.run before any relay exists; each relay reads it when it is built.
+current: AccessLog | None = None
+
+
+def setup_access_log(config: ProcessOptions) -> None:
+    """Open -access-log if given; raises OSError naming what is wrong with the file."""
+    global current
+    current = AccessLog(config.access_log, config.log_format) if config.access_log else None
+
+
+def flush_access_log() -> None:
+    """At exit: the lines of the last connections, still waiting for their batch."""
+    if current is not None:
+        current.flush()

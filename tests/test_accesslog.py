@@ -1,0 +1,454 @@
+"""The access log: one line per finished TCP connection / UDP flow, its fields in text and
+JSON for each way a connection can end (both loops), and the flag end to end: stdout, a file
+reopened on SIGHUP, the engine's, a path that can't be opened."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import socket
+import struct
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from proxy.ground import accesslog
+from proxy.ground.accesslog import AccessLog
+from proxy.relays.splice import SPLICE_AFTER, SPLICE_MIN_READ
+from tests.helpers import (
+    Proxy,
+    free_port,
+    needs_ipv6,
+    read_status,
+    spawn,
+    spawn_via,
+    tcp_proxy,
+    udp_backend,
+    udp_client,
+    udp_proxy,
+)
+
+pytestmark = pytest.mark.timeout(60)
+
+FIELDS = ("time", "proto", "client", "frontend", "backend", "bytes_from_client",
+          "bytes_from_backend", "duration", "end", "error")
+
+
+def parse(line: str) -> dict[str, Any]:
+    """A line of either format as the JSON form's fields (the text form's order is fixed)."""
+    if line.startswith("{"):
+        entry = json.loads(line)
+        assert tuple(entry) == FIELDS
+        return entry  # type: ignore[no-any-return]
+    parts = line.split(" ", 9)
+    entry = dict(zip(FIELDS, parts + [None] * (10 - len(parts)), strict=True))
+    entry["bytes_from_client"] = int(entry["bytes_from_client"])
+    entry["bytes_from_backend"] = int(entry["bytes_from_backend"])
+    assert entry["duration"].endswith("s")
+    entry["duration"] = float(entry["duration"][:-1])
+    return entry
+
+
+class Lines:
+    """The lines written to an access log file, read as they come."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.seen = 0
+
+    def all(self) -> list[str]:
+        return self.path.read_text().splitlines() if self.path.exists() else []
+
+    async def next(self, timeout: float = 10) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            lines = self.all()
+            if len(lines) > self.seen:
+                self.seen += 1
+                return parse(lines[self.seen - 1])
+            await asyncio.sleep(0.02)
+        raise AssertionError(f"no access log line after {self.seen}: {self.all()}")
+
+
+@pytest.fixture(params=["text", "json"])
+def access(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Lines]:
+    """The process's access log on, to a file, for relays built in this test."""
+    path = tmp_path / "access.log"
+    log = accesslog.current = AccessLog(str(path), request.param)
+    try:
+        yield Lines(path)
+    finally:
+        accesslog.current = None
+        log.handler.close()  # its file, not left to the garbage collector
+
+
+@contextlib.asynccontextmanager
+async def held_backend(host: str = "127.0.0.1") -> AsyncIterator[tuple[int, asyncio.Queue]]:
+    """A backend that hands each accepted connection (reader, writer) to the test."""
+    conns: asyncio.Queue = asyncio.Queue()
+    done = asyncio.Event()
+
+    async def hold(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await conns.put((reader, writer))
+        await done.wait()
+
+    server = await asyncio.start_server(hold, host, 0)
+    try:
+        yield server.sockets[0].getsockname()[1], conns
+    finally:
+        done.set()
+        server.close()
+
+
+def rst(writer: asyncio.StreamWriter) -> None:
+    writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                               struct.pack("ii", 1, 0))
+    writer.transport.abort()
+
+
+def addr(writer: asyncio.StreamWriter, which: str) -> str:
+    host, port = writer.get_extra_info(which)[:2]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+async def test_client_fin_first(access: Lines) -> None:
+    async with held_backend() as (bport, conns), tcp_proxy(bport) as server:
+        port = server.relays[0].port
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"hello")
+        writer.write_eof()
+        breader, bwriter = await conns.get()
+        assert await breader.read() == b"hello"
+        bwriter.write(b"bye!!!")
+        bwriter.close()
+        assert await reader.read() == b"bye!!!"
+        writer.close()
+        entry = await access.next()
+    assert entry["proto"] == "tcp" and entry["end"] == "client-fin" and entry["error"] is None
+    assert entry["client"] == addr(writer, "sockname")
+    assert entry["frontend"] == f"127.0.0.1:{port}" and entry["backend"] == f"127.0.0.1:{bport}"
+    assert (entry["bytes_from_client"], entry["bytes_from_backend"]) == (5, 6)
+    assert entry["time"].endswith("Z") and 0 <= entry["duration"] < 30
+
+
+async def test_backend_fin_first(access: Lines) -> None:
+    async with held_backend() as (bport, conns), tcp_proxy(bport) as server:
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.relays[0].port)
+        writer.write(b"q")
+        breader, bwriter = await conns.get()
+        assert await breader.readexactly(1) == b"q"
+        bwriter.write(b"answer")
+        bwriter.write_eof()
+        assert await reader.read() == b"answer"
+        writer.close()
+        entry = await access.next()
+    assert entry["end"] == "backend-fin"
+    assert (entry["bytes_from_client"], entry["bytes_from_backend"]) == (1, 6)
+
+
+async def test_client_reset(access: Lines) -> None:
+    async with held_backend() as (bport, conns), tcp_proxy(bport) as server:
+        _reader, writer = await asyncio.open_connection("127.0.0.1", server.relays[0].port)
+        writer.write(b"abc")
+        breader, _bwriter = await conns.get()
+        assert await breader.readexactly(3) == b"abc"
+        rst(writer)
+        with contextlib.suppress(ConnectionError):
+            assert await asyncio.wait_for(breader.read(), 5) == b""
+        entry = await access.next()
+    assert entry["end"] == "client-reset" and entry["bytes_from_client"] == 3
+
+
+async def test_backend_reset(access: Lines) -> None:
+    async with held_backend() as (bport, conns), tcp_proxy(bport) as server:
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.relays[0].port)
+        _breader, bwriter = await conns.get()
+        bwriter.write(b"xy")
+        assert await reader.readexactly(2) == b"xy"
+        rst(bwriter)
+        with pytest.raises(ConnectionResetError):  # passed on as a reset
+            await asyncio.wait_for(reader.read(), 5)
+        entry = await access.next()
+        writer.close()
+    assert entry["end"] == "backend-reset" and entry["bytes_from_backend"] == 2
+
+
+async def test_dial_refused(access: Lines) -> None:
+    async with tcp_proxy(free_port()) as server:
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.relays[0].port)
+        with contextlib.suppress(ConnectionError):
+            await asyncio.wait_for(reader.read(), 5)
+        entry = await access.next()
+        writer.close()
+    assert entry["end"] == "dial-failed" and entry["error"] == "connection refused"
+
+
+async def test_dial_timeout(access: Lines) -> None:
+    """A backend whose accept queue is full: Linux drops the SYN, so the dial hangs."""
+    full = socket.socket()
+    full.bind(("127.0.0.1", 0))
+    full.listen(0)
+    fillers = []
+    try:
+        for _ in range(2):  # a backlog of 0 still queues one; the next SYN waits in SYN-SENT
+            s = socket.socket()
+            s.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                s.connect(full.getsockname())
+            fillers.append(s)
+        await asyncio.sleep(0.1)
+        async with tcp_proxy(full.getsockname()[1], "-dial-timeout", "300ms") as server:
+            reader, writer = await asyncio.open_connection("127.0.0.1", server.relays[0].port)
+            with contextlib.suppress(ConnectionError):
+                await asyncio.wait_for(reader.read(), 10)
+            entry = await access.next()
+            writer.close()
+    finally:
+        for s in [*fillers, full]:
+            s.close()
+    assert entry["end"] == "dial-failed" and entry["error"] == "timed out"
+
+
+async def test_refused_by_allow(access: Lines) -> None:
+    async with held_backend() as (bport, _), tcp_proxy(bport, "-allow", "10.0.0.0/8") as server:
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.relays[0].port)
+        with contextlib.suppress(ConnectionError):
+            await asyncio.wait_for(reader.read(), 5)
+        entry = await access.next()
+        writer.close()
+    assert entry["end"] == "refused-allow"
+    assert (entry["bytes_from_client"], entry["bytes_from_backend"]) == (0, 0)
+
+
+async def test_refused_by_max_conns(access: Lines) -> None:
+    async with held_backend() as (bport, conns), tcp_proxy(bport, "-max-conns", "1") as server:
+        port = server.relays[0].port
+        _first_r, first_w = await asyncio.open_connection("127.0.0.1", port)
+        await conns.get()  # the first one is served
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        with contextlib.suppress(ConnectionError):
+            await asyncio.wait_for(reader.read(), 5)
+        entry = await access.next()
+        assert entry["end"] == "refused-max-conns" and entry["client"] == addr(writer, "sockname")
+        writer.close()
+        first_w.close()
+
+
+async def test_idle_timeout(access: Lines) -> None:
+    async with held_backend() as (bport, conns), tcp_proxy(bport, "-idle-timeout", "200ms") as server:
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.relays[0].port)
+        writer.write(b"1234")
+        breader, _ = await conns.get()
+        await breader.readexactly(4)
+        assert await asyncio.wait_for(reader.read(), 5) == b""
+        entry = await access.next()
+        writer.close()
+    assert entry["end"] == "idle-timeout" and entry["bytes_from_client"] == 4
+
+
+async def test_shutdown_with_a_connection_open(access: Lines) -> None:
+    async with held_backend() as (bport, conns):
+        async with tcp_proxy(bport) as server:
+            _reader, writer = await asyncio.open_connection("127.0.0.1", server.relays[0].port)
+            writer.write(b"zz")
+            breader, _ = await conns.get()
+            await breader.readexactly(2)
+        entry = await access.next()  # the proxy has shut down
+        writer.close()
+    assert entry["end"] == "shutdown" and entry["bytes_from_client"] == 2
+
+
+@needs_ipv6
+async def test_ipv6_client_is_bracketed(access: Lines) -> None:
+    async with held_backend("::1") as (bport, conns), tcp_proxy(
+            bport, host_ip="::1", container_ip="::1") as server:
+        port = server.relays[0].port
+        reader, writer = await asyncio.open_connection("::1", port)
+        writer.write_eof()
+        _, bwriter = await conns.get()
+        bwriter.close()
+        assert await reader.read() == b""
+        writer.close()
+        entry = await access.next()
+    assert entry["client"] == addr(writer, "sockname") and entry["client"].startswith("[::1]:")
+    assert entry["frontend"] == f"[::1]:{port}" and entry["backend"] == f"[::1]:{bport}"
+
+
+async def test_byte_counts_exact_through_splice(access: Lines) -> None:
+    """Both ways large enough to switch to splice: the kernel's counts are still exact."""
+    up = os.urandom(SPLICE_MIN_READ * SPLICE_AFTER * 8 + 12345)
+    down = os.urandom(SPLICE_MIN_READ * SPLICE_AFTER * 6 + 777)
+    async with held_backend() as (bport, conns), tcp_proxy(bport) as server:
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.relays[0].port)
+        breader, bwriter = await conns.get()
+
+        async def send_up() -> None:
+            writer.write(up)
+            await writer.drain()
+            writer.write_eof()
+
+        async def send_down() -> None:
+            bwriter.write(down)
+            await bwriter.drain()
+            bwriter.write_eof()
+
+        results = await asyncio.gather(send_up(), send_down(), breader.read(), reader.read())
+        assert results[2] == up and results[3] == down
+        writer.close()
+        bwriter.close()
+        entry = await access.next()
+        assert server.relays[0].stats.spliced >= 1  # the case this test is about
+    assert (entry["bytes_from_client"], entry["bytes_from_backend"]) == (len(up), len(down))
+    assert entry["end"] in ("client-fin", "backend-fin")
+
+
+async def test_udp_flow_expiry(access: Lines) -> None:
+    async with udp_backend() as (bport, _), udp_proxy(bport, "-udp-timeout", "200ms") as server:
+        port = server.relays[0].port
+        with udp_client() as c:
+            c.settimeout(3)
+            c.sendto(b"hello", ("127.0.0.1", port))
+            assert (await asyncio.to_thread(c.recvfrom, 100))[0] == b"re:hello"
+            entry = await access.next()
+            assert entry["client"] == f"127.0.0.1:{c.getsockname()[1]}"
+    assert entry["proto"] == "udp" and entry["end"] == "expired"
+    assert entry["frontend"] == f"127.0.0.1:{port}" and entry["backend"] == f"127.0.0.1:{bport}"
+    assert (entry["bytes_from_client"], entry["bytes_from_backend"]) == (5, 8)
+
+
+async def test_udp_flow_eviction_and_shutdown(access: Lines) -> None:
+    async with udp_backend() as (bport, _):
+        async with udp_proxy(bport, "-udp-max-flows", "1") as server:
+            port = server.relays[0].port
+            with udp_client() as first, udp_client() as second:
+                for c in (first, second):
+                    c.settimeout(3)
+                    c.sendto(b"x", ("127.0.0.1", port))
+                    assert (await asyncio.to_thread(c.recvfrom, 100))[0] == b"re:x"
+                evicted = await access.next()
+                assert evicted["end"] == "evicted"
+                assert evicted["client"] == f"127.0.0.1:{first.getsockname()[1]}"
+                assert (evicted["bytes_from_client"], evicted["bytes_from_backend"]) == (1, 4)
+        stopped = await access.next()
+    assert stopped["end"] == "shutdown" and stopped["proto"] == "udp"
+
+
+# -- the flag, end to end (subprocesses) ---------------------------------------------------------
+
+
+def _talk(port: int, payload: bytes = b"ping") -> None:
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as c:
+        c.sendall(payload)
+        c.shutdown(socket.SHUT_WR)
+        assert c.recv(100) == payload
+        assert c.recv(100) == b""
+
+
+def _wait_lines(path: Path, count: int, timeout: float = 10) -> list[str]:
+    deadline = time.monotonic() + timeout
+    lines: list[str] = []
+    while time.monotonic() < deadline:
+        lines = path.read_text().splitlines() if path.exists() else []
+        if len(lines) >= count:
+            return lines
+        time.sleep(0.02)
+    raise AssertionError(f"wanted {count} lines in {path}, got {lines}")
+
+
+@contextlib.contextmanager
+def echo_server() -> Iterator[int]:
+    """An echo backend in a thread (subprocess tests have no event loop of their own)."""
+    import socketserver
+    import threading
+
+    class Echo(socketserver.BaseRequestHandler):
+        def handle(self) -> None:
+            while data := self.request.recv(65536):
+                self.request.sendall(data)
+
+    server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Echo)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield server.server_address[1]
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_access_log_to_stdout(proxy_loop_env: dict[str, str]) -> None:
+    port = free_port()
+    with echo_server() as bport:
+        p = Proxy(["-host-ip", "127.0.0.1", "-host-port", str(port), "-container-ip",
+                   "127.0.0.1", "-container-port", str(bport), "-access-log", "-",
+                   "-log-format", "json"], env=proxy_loop_env)
+        _talk(port)
+        time.sleep(0.3)
+        out, err = p.stop()
+    lines = out.decode().splitlines()
+    assert lines[0] == f"{bport}/tcp -> 127.0.0.1:{port}"  # the mapping line, as before
+    entry = parse(lines[1])
+    assert entry["end"] == "client-fin" and entry["bytes_from_client"] == 4
+    assert b"Traceback" not in err
+
+
+def test_access_log_file_is_reopened_on_sighup(tmp_path: Path,
+                                               proxy_loop_env: dict[str, str]) -> None:
+    path = tmp_path / "access.log"
+    port = free_port()
+    with echo_server() as bport:
+        p = Proxy(["-host-ip", "127.0.0.1", "-host-port", str(port), "-container-ip",
+                   "127.0.0.1", "-container-port", str(bport), "-access-log", str(path)],
+                  env=proxy_loop_env)
+        _talk(port, b"one")
+        assert len(_wait_lines(path, 1)) == 1
+        path.rename(tmp_path / "access.log.1")  # as logrotate does
+        p.proc.send_signal(signal.SIGHUP)
+        time.sleep(0.3)
+        _talk(port, b"second")
+        lines = _wait_lines(path, 1)
+        p.stop()
+    assert [parse(line)["bytes_from_client"] for line in lines] == [6]
+    assert len((tmp_path / "access.log.1").read_text().splitlines()) == 1
+
+
+def test_access_log_through_the_engine(tmp_path: Path, proxy_loop_env: dict[str, str]) -> None:
+    sock_path = str(tmp_path / "engine.sock")
+    log_path = tmp_path / "access.log"
+    engine = Proxy(["-engine", "-engine-socket", sock_path, "-access-log", str(log_path)],
+                   env=proxy_loop_env)
+    try:
+        port = free_port()
+        with echo_server() as bport:
+            args = ["-host-ip", "127.0.0.1", "-host-port", str(port), "-container-ip",
+                    "127.0.0.1", "-container-port", str(bport)]
+            # Per registration it is refused, naming the engine-wide flag.
+            refused = spawn_via(sock_path, [*args, "-access-log", str(tmp_path / "x.log")],
+                                wait_ready=False)
+            assert refused.status.startswith(b"1\n") and b"-access-log" in refused.status
+            assert refused.proc.wait(10) == 2
+            waiter = spawn_via(sock_path, args)
+            _talk(port, b"via engine")
+            entry = parse(_wait_lines(log_path, 1)[0])
+            waiter.stop()
+    finally:
+        engine.stop()
+    assert entry["end"] == "client-fin" and entry["bytes_from_client"] == 10
+    assert entry["frontend"] == f"127.0.0.1:{port}"
+
+
+def test_unopenable_access_log_fails_start_up(tmp_path: Path) -> None:
+    read_end, write_end = os.pipe()
+    proc = spawn(["-host-port", "0", "-container-port", "80", "-access-log",
+                  str(tmp_path / "no" / "such" / "dir")], {3: write_end})
+    os.close(write_end)
+    status = read_status(read_end)
+    os.close(read_end)
+    assert proc.wait(10) == 1
+    assert status.startswith(b"1\n-access-log ") and b"no such file or directory" in status
