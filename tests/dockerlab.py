@@ -22,7 +22,9 @@ def apt_mirror() -> str:
     """The Debian mirror this machine's apt is set up with (we name none of our own)."""
     for path in ("/etc/apt/sources.list.d/debian.sources", "/etc/apt/sources.list"):
         try:
-            for line in open(path):
+            with open(path) as f:
+                lines = f.readlines()
+            for line in lines:
                 words = line.split()
                 if words[:1] == ["URIs:"]:
                     return words[1]

@@ -28,6 +28,13 @@ from prometheus_client.parser import text_string_to_metric_families
 from proxy.ground.flags import build_parser, config_from_args
 from proxy.modes.publication import Publication
 
+
+def read_text(path: str) -> str:
+    """A whole (small, /proc) file, closed at once."""
+    with open(path) as f:
+        return f.read()
+
+
 # -- ports and addresses ---------------------------------------------------------------------
 
 def has_ipv6() -> bool:
@@ -44,7 +51,7 @@ needs_ipv6 = pytest.mark.skipif(not has_ipv6(), reason="no IPv6 loopback on this
 
 def _ephemeral_range() -> tuple[int, int]:
     try:
-        low, high = map(int, open("/proc/sys/net/ipv4/ip_local_port_range").read().split())
+        low, high = map(int, read_text("/proc/sys/net/ipv4/ip_local_port_range").split())
         return low, high
     except (OSError, ValueError):
         return 32768, 60999
@@ -240,7 +247,7 @@ def spawn_via(path: str, args: list[str], **kw) -> Proxy:  # type: ignore[no-unt
 
 
 def cmdline(pid: int) -> str:
-    return open(f"/proc/{pid}/cmdline").read().replace("\0", " ")
+    return read_text(f"/proc/{pid}/cmdline").replace("\0", " ")
 
 
 def refused(port: int) -> bool:

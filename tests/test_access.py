@@ -84,6 +84,8 @@ http {{
     yield port
     proc.terminate()
     proc.wait(timeout=5)
+    assert proc.stderr is not None
+    proc.stderr.close()
     shutil.rmtree(tmp, ignore_errors=True)
 
 

@@ -20,6 +20,7 @@ from tests.helpers import (
     free_port,
     needs_ipv6,
     output,
+    read_text,
     spawn,
     udp_exchange,
 )
@@ -181,7 +182,7 @@ def test_raises_soft_nofile_limit_to_hard(echo_backend):
 
     port = free_port()
     p = Proxy(docker_args(port, echo_backend.port), preexec=low_soft_limit)
-    limits = open(f"/proc/{p.proc.pid}/limits").read()
+    limits = read_text(f"/proc/{p.proc.pid}/limits")
     line = next(l for l in limits.splitlines() if l.startswith("Max open files"))
     assert line.split()[3:5] == ["4096", "4096"]
 

@@ -93,6 +93,8 @@ class UdpEcho:
     def close(self) -> None:
         self.proc.kill()
         self.proc.wait()
+        assert self.proc.stdout is not None
+        self.proc.stdout.close()
 
 
 @contextlib.contextmanager

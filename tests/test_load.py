@@ -15,7 +15,7 @@ import urllib.request
 
 import pytest
 
-from tests.helpers import EchoBackend, Proxy, docker_args, free_port
+from tests.helpers import EchoBackend, Proxy, docker_args, free_port, read_text
 from tests.netns import Lab, needs_netns
 
 pytestmark = [pytest.mark.heavy, pytest.mark.timeout(600)]
@@ -59,12 +59,12 @@ uvloop.run(main())
 
 
 def cpu_seconds(pid: int) -> float:
-    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    fields = read_text(f"/proc/{pid}/stat").rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def rss_kib(pid: int) -> int:
-    status = open(f"/proc/{pid}/status").read()
+    status = read_text(f"/proc/{pid}/status")
     return int(next(l for l in status.splitlines() if l.startswith("VmRSS:")).split()[1])
 
 

@@ -20,6 +20,7 @@ from tests.helpers import (
     exchange,
     free_port,
     output,
+    read_text,
     scrape,
     tcp_proxy,
     value,
@@ -98,7 +99,7 @@ def listening_ports(pid: int) -> list[int]:
             inodes.add(target[8:-1])
     ports = []
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        for line in open(table).read().splitlines()[1:]:
+        for line in read_text(table).splitlines()[1:]:
             fields = line.split()
             if fields[3] == "0A" and fields[9] in inodes:  # 0A: LISTEN
                 ports.append(int(fields[1].rsplit(":", 1)[1], 16))

@@ -29,7 +29,7 @@ def test_real_dns_exchange_through_the_proxy():
     try:
         proxy_port = free_port("0.0.0.0", socket.SOCK_DGRAM)
         Proxy(["-proto", "udp", "-host-ip", "0.0.0.0", "-host-port", str(proxy_port),
-                              "-container-ip", "127.0.0.1", "-container-port", str(dns_port)])
+               "-container-ip", "127.0.0.1", "-container-port", str(dns_port)])
         deadline = time.monotonic() + 10
         while True:
             dig = subprocess.run(
@@ -44,3 +44,5 @@ def test_real_dns_exchange_through_the_proxy():
     finally:
         dnsmasq.terminate()
         dnsmasq.wait(timeout=5)
+        assert dnsmasq.stderr is not None
+        dnsmasq.stderr.close()

@@ -26,6 +26,7 @@ from tests.helpers import (
     free_port,
     needs_ipv6,
     output,
+    read_text,
     tcp_proxy,
 )
 
@@ -54,7 +55,7 @@ def test_user_drops_root_after_binding_a_privileged_port():
     b = EchoBackend()
     port = 81  # below 1024: only root can bind it, and it must be bound before the drop
     p = Proxy([*docker_args(port, b.port), "-user", "nobody"])
-    status = open(f"/proc/{p.proc.pid}/status").read()
+    status = read_text(f"/proc/{p.proc.pid}/status")
     uids = next(l for l in status.splitlines() if l.startswith("Uid:")).split()[1:]
     groups = next(l for l in status.splitlines() if l.startswith("Groups:")).split()[1:]
     assert uids == ["65534"] * 4 and groups == []
@@ -111,6 +112,8 @@ def test_backend_killed_mid_transfer_reaches_the_client_as_a_reset():
     assert len(client.recv(65536)) > 0  # the transfer is under way
     stubborn.kill()
     stubborn.wait()
+    if stubborn.stdout is not None:
+        stubborn.stdout.close()
     with pytest.raises(ConnectionResetError):
         while client.recv(65536):
             pass

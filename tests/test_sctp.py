@@ -26,7 +26,7 @@ from typing import NamedTuple
 import pytest
 
 from proxy.relays import sctp
-from tests.helpers import Proxy, free_port, output, proxy
+from tests.helpers import Proxy, free_port, output, proxy, read_text
 from tests.sctpvm import kernel_has_sctp
 
 pytestmark = [
@@ -475,7 +475,7 @@ def test_through_the_engine_with_fd_4(tmp_path, backend):
     listener.close()
     # served by the engine: the spawned process becomes the tiny waiter, not an interpreter
     deadline = time.monotonic() + TIMEOUT
-    while not open(f"/proc/{spawned.proc.pid}/cmdline").read().startswith("pyproxy-wait"):
+    while not read_text(f"/proc/{spawned.proc.pid}/cmdline").startswith("pyproxy-wait"):
         assert time.monotonic() < deadline, "the spawned pyproxy never handed over to the engine"
         time.sleep(0.05)
     with connect(port) as c:

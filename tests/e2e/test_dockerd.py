@@ -66,7 +66,8 @@ def proxy_processes() -> list[list[str]]:
         if not pid.isdigit():
             continue
         try:
-            argv = open(f"/proc/{pid}/cmdline", "rb").read().split(b"\0")
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
         except OSError:
             continue
         args = [a.decode() for a in argv if a]
