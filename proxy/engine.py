@@ -20,6 +20,7 @@ import struct
 from typing import cast
 import attrs
 
+from proxy import sdnotify
 from proxy.cli import UsageError, parse_config
 from proxy.config import Config, Mapping
 from proxy.launch import decode_argv, encode_reply, unframe
@@ -109,10 +110,14 @@ class Engine:
             status.fail(str(exc))
             return 1
         status.ready()
+        # READY=1 lets systemd start dockerd, and stop us: sent (call_soon) only once
+        # wait_for_stop_signal below has its handlers, or an early SIGTERM would kill us (-15).
+        asyncio.get_running_loop().call_soon(sdnotify.ready, f"serving {self.path}")
         print(f"pyproxy engine serving {self.path}", flush=True)
         log.info("engine serving %s", self.path)
         accepting = asyncio.get_running_loop().create_task(self._accept(listener))
         await wait_for_stop_signal()
+        sdnotify.stopping()
         accepting.cancel()
         listener.close()
         os.unlink(self.path)
