@@ -12,6 +12,7 @@ import os
 import socket
 
 NOTIFY_SOCKET_ENV = "NOTIFY_SOCKET"
+EXEC_PID_ENV = "SYSTEMD_EXEC_PID"
 SEND_TIMEOUT = 2.0  # systemd drains its socket at once; this only bounds a wedged manager
 
 
@@ -23,6 +24,11 @@ def notify_address() -> bytes | None:
     must not speak for us (systemd would take its READY=1 as ours, or log it as a stranger's).
     """
     value = os.environ.pop(NOTIFY_SOCKET_ENV, "")
+    # systemd >= 248 names the process it started. Anyone else holding the variable inherited
+    # it: a pyproxy spawned by dockerd has docker.service's, and must not speak for dockerd.
+    started = os.environ.get(EXEC_PID_ENV)
+    if started and started != str(os.getpid()):
+        return None
     address = os.fsencode(value)
     if address.startswith(b"@"):
         return b"\0" + address[1:]

@@ -21,6 +21,9 @@ from tests.test_contract import EchoBackend, docker_args, exchange
 pytestmark = pytest.mark.timeout(60)
 
 _UCRED = struct.Struct("3i")
+# Should these tests run inside a systemd service, its SYSTEMD_EXEC_PID (not the engine's pid)
+# would make the engine ignore the test's NOTIFY_SOCKET: empty, as from a systemd before 248.
+AS_STARTED_BY_SYSTEMD = {"SYSTEMD_EXEC_PID": ""}
 
 
 # -- the notify protocol, against a real engine ------------------------------------------------------
@@ -67,7 +70,7 @@ def notify_socket(request, tmp_path) -> Iterator[NotifySocket]:
 
 def engine_process(path: str, env: dict[str, str]) -> subprocess.Popen:
     """The engine as systemd starts it: fds 0-2 only, no status pipe."""
-    return spawn(["-engine", "-engine-socket", path], {}, env=env)
+    return spawn(["-engine", "-engine-socket", path], {}, env={**AS_STARTED_BY_SYSTEMD, **env})
 
 
 def test_ready_once_listening_then_stopping_on_sigterm(notify_socket, tmp_path, proxy_loop_env):
@@ -90,6 +93,15 @@ def test_ready_once_listening_then_stopping_on_sigterm(notify_socket, tmp_path, 
         proc.kill()
         proc.wait()
     assert b"Traceback" not in output(proc)[1]
+
+
+def test_an_engine_spawned_by_another_service_process_stays_silent(notify_socket, tmp_path):
+    """As an engine started by a pyproxy that dockerd spawned would be: docker.service's
+    NOTIFY_SOCKET and SYSTEMD_EXEC_PID (dockerd's pid) inherited."""
+    # served_through_engine serves a mapping (READY=1 would precede the accept loop) and stops it
+    served_through_engine(tmp_path, {"NOTIFY_SOCKET": notify_socket.env_value,
+                                     "SYSTEMD_EXEC_PID": str(os.getpid())})
+    assert not notify_socket.pending()  # neither READY=1 nor STOPPING=1 went to dockerd's
 
 
 def test_an_engine_that_cannot_start_never_says_ready(notify_socket, tmp_path):
@@ -129,7 +141,7 @@ def test_without_notify_socket_the_engine_is_as_before(tmp_path, monkeypatch):
 def served_through_engine(tmp_path, env: dict[str, str]) -> None:
     """An engine started with `env` reports 0 on fd 3, serves a spawned mapping, stops with 0."""
     path = str(tmp_path / "engine.sock")
-    engine = Proxy(["-engine", "-engine-socket", path], env=env)
+    engine = Proxy(["-engine", "-engine-socket", path], env={**AS_STARTED_BY_SYSTEMD, **env})
     backend = EchoBackend()
     port = free_port()
     spawned = Proxy(docker_args(port, backend.port), env={"PYPROXY_ENGINE_SOCKET": path})
@@ -148,6 +160,7 @@ def served_through_engine(tmp_path, env: dict[str, str]) -> None:
 @pytest.fixture
 def fresh_notify(monkeypatch) -> Iterator[None]:
     """NOTIFY_SOCKET is read once per process: forget what this process read, before and after."""
+    monkeypatch.delenv("SYSTEMD_EXEC_PID", raising=False)
     sdnotify.notify_address.cache_clear()
     yield
     sdnotify.notify_address.cache_clear()
@@ -164,6 +177,21 @@ def test_the_variable_is_gone_after_use_so_children_cannot_speak_for_us(fresh_no
     assert sdnotify.stopping()  # the address was kept for the engine's own later messages
     assert ns.receive()[0]["READY"] == "1"
     assert ns.receive()[0]["STOPPING"] == "1"
+    ns.sock.close()
+
+
+def test_a_notify_socket_inherited_from_another_service_process_is_not_ours(
+        fresh_notify, monkeypatch, tmp_path):
+    """dockerd's NOTIFY_SOCKET reaches the pyproxies it spawns: they must not speak for it."""
+    ns = NotifySocket(str(tmp_path / "notify"), str(tmp_path / "notify"))
+    monkeypatch.setenv("NOTIFY_SOCKET", ns.env_value)
+    monkeypatch.setenv("SYSTEMD_EXEC_PID", str(os.getppid()))  # systemd started our parent
+    assert sdnotify.ready("serving") is False
+    assert "NOTIFY_SOCKET" not in os.environ and not ns.pending()
+    sdnotify.notify_address.cache_clear()
+    monkeypatch.setenv("NOTIFY_SOCKET", ns.env_value)
+    monkeypatch.setenv("SYSTEMD_EXEC_PID", str(os.getpid()))  # systemd started us
+    assert sdnotify.ready("serving") is True
     ns.sock.close()
 
 
