@@ -128,9 +128,9 @@ def _docker_proxy(proto: str, port: int, backend: int) -> list[str]:
             "-container-ip", "127.0.0.1", "-container-port", str(backend)]
 
 
-def _pyproxy(*extra: str) -> Callable[[str, int, int], list[str]]:
+def _pyproxy(*extra: str, binary: str = PYPROXY) -> Callable[[str, int, int], list[str]]:
     def command(proto: str, port: int, backend: int) -> list[str]:
-        return [PYPROXY, "-proto", proto, "-host-ip", "127.0.0.1", "-host-port", str(port),
+        return [binary, "-proto", proto, "-host-ip", "127.0.0.1", "-host-port", str(port),
                 "-container-ip", "127.0.0.1", "-container-port", str(backend), *extra]
 
     return command
@@ -196,6 +196,11 @@ PEERS = [
     Peer("no proxy", None, ("tcp", "udp")),
     Peer("docker-proxy", _docker_proxy, ("tcp", "udp"), DOCKER_PROXY, status_pipe=True),
     Peer("pyproxy", _pyproxy(), ("tcp", "udp"), PYPROXY, status_pipe=True),
+    # A/B of a change in one run: PYPROXY_BASELINE=/path/to/other/venv/bin/pyproxy adds it
+    # as a peer of its own ("pyproxy-baseline"), e.g. the commit before the change.
+    *([Peer("pyproxy-baseline", _pyproxy(binary=os.environ["PYPROXY_BASELINE"]), ("tcp", "udp"),
+            os.environ["PYPROXY_BASELINE"], status_pipe=True)]
+      if os.environ.get("PYPROXY_BASELINE") else []),
     Peer("nginx", _nginx_stream, ("tcp", "udp", "tcp+udp"), "nginx"),
     Peer("haproxy", _haproxy, ("tcp",), "haproxy"),
     Peer("socat", _socat, ("tcp", "udp", "udp-flow"), "socat"),

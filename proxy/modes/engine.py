@@ -23,6 +23,7 @@ import stat
 import struct
 from typing import Any
 
+from proxy.ground import sdnotify
 from proxy.ground.config import Config, Mapping, ProcessOptions
 from proxy.ground.flags import UsageError, config_from_args, parse_args
 from proxy.ground.sockets import StartupError, go_strerror
@@ -221,10 +222,14 @@ class Engine:
             status.fail(str(exc))
             return 1
         status.ready()
+        # READY=1 lets systemd start dockerd, and stop us: sent (call_soon) only once
+        # wait_for_stop_signal below has its handlers, or an early SIGTERM would kill us (-15).
+        asyncio.get_running_loop().call_soon(sdnotify.ready, f"serving {self.path}")
         print(f"pyproxy engine serving {self.path}", flush=True)
         log.info("engine serving %s", self.path)
         accepting = asyncio.get_running_loop().create_task(self._accept(listener))
         await wait_for_stop_signal()
+        sdnotify.stopping()
         accepting.cancel()
         listener.close()
         self._unlink_own_socket()

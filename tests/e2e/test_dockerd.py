@@ -104,8 +104,10 @@ def test_tcp_published_ports_reach_the_container(lab: DockerLab) -> None:
                 assert (f"-proto tcp -host-ip {host_ip} -host-port {port} -container-ip {container_ip} "
                         f"-container-port 80") in lines
         else:  # each spawned pyproxy became a tiny waiter holding its mapping in the engine
-            waiters = [a for a in proxy_processes() if a and a[0].startswith("pyproxy-wait")]
-            assert len(waiters) >= 3
+            # (argv[0] names the mapping, so `ps` tells which process is which port)
+            waiters = {a[0] for a in proxy_processes() if a and a[0].startswith("pyproxy-wait ")}
+            for host_ip, port in (("127.0.0.1", p), ("0.0.0.0", q), ("[::]", q)):
+                assert f"pyproxy-wait 80/tcp -> {host_ip}:{port}" in waiters, waiters
         # docker stop: pyproxy exits on dockerd's SIGINT at once, and every port is free after
         started = time.monotonic()
         lab.docker("stop", "-t", "0", "web")
