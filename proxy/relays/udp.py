@@ -190,6 +190,7 @@ class UdpRelay:
                     flow.pktinfo_seen = info
                     flow.reply_ancillary = _reply_pktinfo(level, kind, info)
             stats.datagrams_from_client += 1
+            stats.bytes_from_client += len(data)
             if counting:
                 flow.record.from_client += len(data)  # type: ignore[union-attr]
             self._to_container(flow, data)
@@ -302,6 +303,7 @@ class UdpRelay:
                 socket_error = True
                 continue
             stats.datagrams_from_container += 1
+            stats.bytes_from_container += len(data)
             if record is not None:
                 record.from_backend += len(data)
             try:
