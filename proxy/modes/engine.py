@@ -6,7 +6,9 @@ Protocol, over a Unix stream socket (0600, owner only, in a directory only its o
 can write), framed as in proxy.ground.wire: the spawned process sends its argv, with fd 4 attached
 (SCM_RIGHTS) when it has one; the engine answers 0 with the `docker port` lines, or 1 (or 2,
 usage) with the error. After a 0 the connection is the mapping's lifetime: "stop" (answered
-"ok" once the port is released) or EOF drops the mapping.
+"ok" once the port is released) or EOF drops the mapping. `pyproxy -list` sends LIST_REQUEST
+instead of an argv and gets every mapping's row (proxy.ground.listing), under the same check
+of who is asking.
 
 Every request gets an answer and none can end the engine: a peer is the wrong user, slow,
 malformed or hostile at worst, and only its own connection pays for it.
@@ -25,11 +27,20 @@ from typing import Any
 
 from proxy.ground.config import Config, Mapping, ProcessOptions
 from proxy.ground.flags import UsageError, config_from_args, parse_args
+from proxy.ground.listing import rows_from_stats
 from proxy.ground.logs import mapping_fields
 from proxy.ground.sockets import StartupError, go_strerror
 from proxy.ground.stats import MappingStats
 from proxy.ground.statuspipe import StatusPipe
-from proxy.ground.wire import MAX_PAYLOAD, WireError, decode_argv, encode_reply, unframe
+from proxy.ground.wire import (
+    LIST_REQUEST,
+    MAX_PAYLOAD,
+    WireError,
+    decode_argv,
+    encode_list_reply,
+    encode_reply,
+    unframe,
+)
 from proxy.modes.publication import Publication
 from proxy.modes.signals import wait_for_stop_signal
 
@@ -268,13 +279,19 @@ class Engine:
             pid, uid = self._peer(conn)
             peer = {"peer_pid": pid, "peer_uid": uid}
             if uid not in (0, os.geteuid()):
-                log.warning("engine: refused pid %d, uid %d: only root or uid %d may register",
-                            pid, uid, os.geteuid(),
+                log.warning("engine: refused pid %d, uid %d: only root or uid %d may register "
+                            "or list", pid, uid, os.geteuid(),
                             extra={**peer, "reason": "permission denied"})
                 await self._reply(conn, 1, "engine: permission denied")
                 return
             try:
                 request = await asyncio.wait_for(receive_request(conn, fds), REQUEST_TIMEOUT)
+                if request == LIST_REQUEST:
+                    log.debug("engine: pid %d asked for the list of %d mapping(s)", pid,
+                              len(self.stats), extra=peer)
+                    await self._reply_raw(conn, encode_list_reply(
+                        [row.to_json() for row in rows_from_stats(self.stats)]))
+                    return
                 config = _config_for(request)
             except TimeoutError:
                 log.warning("engine: pid %d sent no request within %gs; closed", pid,
