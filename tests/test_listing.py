@@ -14,12 +14,20 @@ import tempfile
 from collections.abc import Iterator
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from proxy.ground.config import parse_ip, parse_publish
 from proxy.ground.listing import Row, format_table, rows_from_exposition, rows_from_stats
 from proxy.ground.metrics import make_registry
 from proxy.ground.stats import MappingStats
-from proxy.ground.wire import LIST_REQUEST, decode_list_reply, encode_list_reply, frame
+from proxy.ground.wire import (
+    LIST_REQUEST,
+    WireError,
+    decode_list_reply,
+    encode_list_reply,
+    frame,
+)
 from tests.helpers import REPO, EchoBackend, Proxy, free_port, spawn_via
 
 pytestmark = pytest.mark.timeout(60)
@@ -215,3 +223,19 @@ def test_a_long_list_spans_frames_and_decodes_whole():
     assert decode_list_reply(encode_list_reply([])) == (0, [])
     # not an argv any registration could send: its first argument would be empty
     assert frame(LIST_REQUEST).endswith(b"\0list\0")
+
+
+@given(st.binary(max_size=300))
+def test_any_bytes_from_an_engine_are_an_answer_none_or_a_wire_error(junk):
+    """`-list` reads what a (possibly broken or hostile) engine sends: never another exception."""
+    try:
+        decode_list_reply(junk)
+    except WireError:
+        pass
+
+
+@given(st.lists(st.text(alphabet=st.characters(blacklist_characters="\n",
+                                               blacklist_categories=("Cs",)),
+                        min_size=1, max_size=50), max_size=30))
+def test_list_replies_round_trip(lines):
+    assert decode_list_reply(encode_list_reply(lines)) == (0, lines)

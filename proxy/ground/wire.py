@@ -109,11 +109,12 @@ def encode_list_reply(lines: Sequence[str]) -> bytes:
     batch: list[str] = []
     size = 0
     for line in lines:
-        if batch and size + len(line.encode()) + 1 > _LIST_ROOM:
+        length = len(line.encode(errors="backslashreplace")) + 1  # as encode_reply writes it
+        if batch and size + length > _LIST_ROOM:
             replies.append(encode_reply(0, "\n".join(batch)))
             batch, size = [], 0
         batch.append(line)
-        size += len(line.encode()) + 1
+        size += length
     if batch:
         replies.append(encode_reply(0, "\n".join(batch)))
     return b"".join(replies) + encode_reply(0, "")
