@@ -1,4 +1,4 @@
-"""The `pyproxy` command: argv -> answer locally (-h, -v), hand over to a running engine
+"""The `pyproxy` command: argv -> answer locally (-h, -v, -list), hand over to a running engine
 (proxy.handover), or serve here, standalone or as the engine. It owns the process's bootstrap:
 the open-files limit, logging, and the event loop (uvloop unless PYPROXY_LOOP=asyncio).
 
@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 
 # Flags answered locally, without an engine.
 _LOCAL_FLAGS = {"-h", "-help", "--help", "-v", "-version", "--version", "-engine", "--engine"}
+_LIST_FLAGS = {"-list", "--list"}  # `pyproxy -list`: a command of its own (proxy.listing)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -37,6 +38,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     status = StatusPipe.from_environment()
     listen_fd = inherited_socket(LISTEN_FD)
     args = list(sys.argv[1:] if argv is None else argv)
+    if _LIST_FLAGS.intersection(arg.partition("=")[0] for arg in args):
+        from proxy.listing import list_command
+
+        return list_command(args)
     if not _LOCAL_FLAGS.intersection(arg.partition("=")[0] for arg in args):
         try:
             engine = connect_engine(engine_socket_path())

@@ -75,8 +75,11 @@ def test_metrics_endpoint_counts_tcp_and_udp_traffic():
     time.sleep(0.1)
     m = scrape(metrics_port)
     assert value(m, "pyproxy_connections_accepted_total", proto="tcp") == 3
-    assert value(m, "pyproxy_bytes_total", direction="client_to_container") == 1500
-    assert value(m, "pyproxy_bytes_total", direction="container_to_client") == 1500
+    assert value(m, "pyproxy_bytes_total", proto="tcp", direction="client_to_container") == 1500
+    assert value(m, "pyproxy_bytes_total", proto="tcp", direction="container_to_client") == 1500
+    # UDP bytes too, per direction: 4 datagrams of 100 bytes out, 4 of 10 back
+    assert value(m, "pyproxy_bytes_total", proto="udp", direction="client_to_container") == 400
+    assert value(m, "pyproxy_bytes_total", proto="udp", direction="container_to_client") == 40
     assert value(m, "pyproxy_udp_flows_total", event="created") == 4
     assert value(m, "pyproxy_udp_flows_active") == 4
     assert value(m, "pyproxy_udp_datagrams_total", direction="client_to_container") == 4

@@ -174,6 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
         add_help=False,
         allow_abbrev=False,
         formatter_class=_DefaultsFormatter,
+        epilog="pyproxy -list [-json] [-engine-socket PATH | -metrics-addr HOST:PORT] lists "
+        "what a running pyproxy serves (pyproxy -list -h tells more).",
     )
 
     def flag(name: str, parse: Callable[[str], Any] | None, default: Any, help: str, **kw: Any) -> None:
@@ -240,6 +242,43 @@ def build_parser() -> argparse.ArgumentParser:
          "on SIGTERM, let open connections finish for up to D (default: 0, exit at once)",
          metavar="D")
     return parser
+
+
+@functools.cache
+def build_list_parser() -> argparse.ArgumentParser:
+    """`pyproxy -list`: its own few flags, answered here, never handed to an engine."""
+    parser = _GoParser(
+        prog="pyproxy -list",
+        description="List what a running engine serves (or, with -metrics-addr, a standalone "
+        "pyproxy's /metrics): each mapping in `docker port` form, its backend, what is open "
+        "now, how many were accepted (UDP: flows made) and the bytes each way.",
+        add_help=False, allow_abbrev=False, formatter_class=_DefaultsFormatter)
+    parser.add_argument("-list", "--list", type=_flag_type(_parse_bool, "list"), nargs="?",
+                        const=True, default=False, metavar="true|false", help="list mappings")
+    parser.add_argument("-json", "--json", type=_flag_type(_parse_bool, "json"), nargs="?",
+                        const=True, default=False, metavar="true|false",
+                        help="print a JSON array for scripts instead of a table")
+    parser.add_argument("-engine-socket", "--engine-socket", dest="engine_socket",
+                        default=engine_socket_path(), metavar="PATH",
+                        help=f"the engine's Unix socket (default: ${ENGINE_SOCKET_ENV} or "
+                        f"{DEFAULT_ENGINE_SOCKET})")
+    parser.add_argument("-metrics-addr", "--metrics-addr", dest="metrics_addr",
+                        type=_flag_type(_parse_metrics_addr, "metrics-addr"), default=None,
+                        metavar="HOST:PORT", help="read a standalone pyproxy's /metrics here "
+                        "instead of asking the engine (default: ask the engine)")
+    parser.add_argument("-h", "-help", "--help", action="store_true", dest="help",
+                        default=None, help="show this help and exit")
+    return parser
+
+
+def parse_list_args(argv: Sequence[str]) -> argparse.Namespace:
+    """`pyproxy -list ...`'s flags; raises UsageError naming the flag."""
+    parser = build_list_parser()
+    assert isinstance(parser, _GoParser)
+    args = parser.parse_args(parser.go_syntax(argv))
+    if args.metrics_addr and "-engine-socket" in {a.lstrip("-").partition("=")[0] for a in argv}:
+        raise UsageError("argument -metrics-addr: lists a standalone pyproxy; drop -engine-socket")
+    return args
 
 
 def _port_range(text: str, flag_name: str) -> PortRange:

@@ -15,7 +15,7 @@ import sys
 import time
 from typing import Any
 
-from proxy.ground.config import ProcessOptions
+from proxy.ground.config import Mapping, ProcessOptions
 
 log = logging.getLogger("pyproxy")
 
@@ -25,8 +25,20 @@ EXHAUSTION_LOG_INTERVAL = 10.0
 SYSLOG_SOCKET = "/dev/log"
 
 
+# What every LogRecord has: anything else on a record came from a call's `extra=`.
+_RECORD_ATTRIBUTES = frozenset(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {
+    "message", "asctime", "taskName"}
+
+
+def mapping_fields(mapping: Mapping) -> dict[str, str]:
+    """A mapping as a log line's named fields (the `extra=` of a logging call): host -> container."""
+    return {"proto": mapping.proto, "frontend": mapping.frontend(), "backend": mapping.backend()}
+
+
 class JSONFormatter(logging.Formatter):
-    """One JSON object per line: time, level, message, pid."""
+    """One JSON object per line: time, level, message, pid, then the fields the call named
+    with `extra=` (proto, client, frontend, backend, reason...), so a script never has to
+    parse the sentence."""
 
     def format(self, record: logging.LogRecord) -> str:
         entry = {
@@ -35,9 +47,12 @@ class JSONFormatter(logging.Formatter):
             "msg": record.getMessage(),
             "pid": record.process,
         }
+        for name, value in record.__dict__.items():
+            if name not in _RECORD_ATTRIBUTES:
+                entry[name] = value
         if record.exc_info:
             entry["error"] = self.formatException(record.exc_info)
-        return json.dumps(entry)
+        return json.dumps(entry, default=str)
 
 
 JSONFormatter.converter = time.gmtime

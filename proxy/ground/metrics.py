@@ -59,7 +59,8 @@ class StatsCollector(Collector):
         dial_failed = counter("backend_dial_failures_total", "backend connects that failed")
         dial = HistogramMetricFamily("pyproxy_backend_dial_duration_seconds",
                                      "time to connect to the backend", labels=LABELS)
-        stream_bytes = counter("bytes_total", "bytes relayed over TCP or SCTP", ["direction"])
+        stream_bytes = counter("bytes_total", "payload bytes relayed (TCP, SCTP, and UDP datagrams)",
+                               ["direction"])
         spliced = counter("spliced_directions_total",
                           "TCP directions that switched to zero-copy splice(2) as bulk flows")
         messages = counter("sctp_messages_total", "SCTP messages relayed", ["direction"])
@@ -88,6 +89,8 @@ class StatsCollector(Collector):
                 dropped.add_metric([*lv, "error"], s.datagrams_dropped)
                 dropped.add_metric([*lv, "denied"], s.datagrams_denied)
                 dropped.add_metric([*lv, "no_flow"], s.datagrams_no_flow)
+                stream_bytes.add_metric([*lv, "client_to_container"], s.bytes_from_client)
+                stream_bytes.add_metric([*lv, "container_to_client"], s.bytes_from_container)
                 continue
             accepted.add_metric(lv, s.accepted)
             active.add_metric(lv, s.active)

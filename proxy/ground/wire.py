@@ -92,3 +92,44 @@ def decode_reply(payload: bytes) -> tuple[int, str]:
     if not sep or head not in (b"0", b"1", b"2"):
         raise WireError(f"reply status {head[:8]!r} is not 0, 1 or 2")
     return int(head), body.decode(errors="replace")
+
+
+# -- listing: `pyproxy -list` asks the engine what it serves -------------------------------
+# Not an argv: a registration's first argument is a flag, never empty. The answer is replies
+# of status 0 whose bodies hold mappings, one JSON object per line, as many as fit a frame,
+# closed by an empty status-0 reply (so a thousand mappings never outgrow MAX_PAYLOAD); or one
+# reply of status 1 with the error (the wrong user, say).
+LIST_REQUEST = b"\0list\0"
+_LIST_ROOM = MAX_PAYLOAD - 16  # a frame's head and the status line
+
+
+def encode_list_reply(lines: Sequence[str]) -> bytes:
+    """Every line (each under the frame limit), packed into as few replies as fit, then the end."""
+    replies: list[bytes] = []
+    batch: list[str] = []
+    size = 0
+    for line in lines:
+        length = len(line.encode(errors="backslashreplace")) + 1  # as encode_reply writes it
+        if batch and size + length > _LIST_ROOM:
+            replies.append(encode_reply(0, "\n".join(batch)))
+            batch, size = [], 0
+        batch.append(line)
+        size += length
+    if batch:
+        replies.append(encode_reply(0, "\n".join(batch)))
+    return b"".join(replies) + encode_reply(0, "")
+
+
+def decode_list_reply(buffer: bytes) -> tuple[int, list[str]] | None:
+    """(0, the lines) once `buffer` holds a whole answer, (status, [error]) for an error reply,
+    None if more bytes are needed. WireError if it is not an answer."""
+    lines: list[str] = []
+    while (payload := unframe(buffer)) is not None:
+        status, body = decode_reply(payload)
+        if status != 0:
+            return status, [body]
+        if not body:
+            return 0, lines
+        lines += body.split("\n")
+        buffer = buffer[buffer.index(b"\n") + 1 + len(payload):]
+    return None

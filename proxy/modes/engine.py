@@ -6,7 +6,9 @@ Protocol, over a Unix stream socket (0600, owner only, in a directory only its o
 can write), framed as in proxy.ground.wire: the spawned process sends its argv, with fd 4 attached
 (SCM_RIGHTS) when it has one; the engine answers 0 with the `docker port` lines, or 1 (or 2,
 usage) with the error. After a 0 the connection is the mapping's lifetime: "stop" (answered
-"ok" once the port is released) or EOF drops the mapping.
+"ok" once the port is released) or EOF drops the mapping. `pyproxy -list` sends LIST_REQUEST
+instead of an argv and gets every mapping's row (proxy.ground.listing), under the same check
+of who is asking.
 
 Every request gets an answer and none can end the engine: a peer is the wrong user, slow,
 malformed or hostile at worst, and only its own connection pays for it.
@@ -26,10 +28,20 @@ from typing import Any
 from proxy.ground import sdnotify
 from proxy.ground.config import Config, Mapping, ProcessOptions
 from proxy.ground.flags import UsageError, config_from_args, parse_args
+from proxy.ground.listing import rows_from_stats
+from proxy.ground.logs import mapping_fields
 from proxy.ground.sockets import StartupError, go_strerror
 from proxy.ground.stats import MappingStats
 from proxy.ground.statuspipe import StatusPipe
-from proxy.ground.wire import MAX_PAYLOAD, WireError, decode_argv, encode_reply, unframe
+from proxy.ground.wire import (
+    LIST_REQUEST,
+    MAX_PAYLOAD,
+    WireError,
+    decode_argv,
+    encode_list_reply,
+    encode_reply,
+    unframe,
+)
 from proxy.modes.publication import Publication
 from proxy.modes.signals import wait_for_stop_signal
 
@@ -226,7 +238,7 @@ class Engine:
         # wait_for_stop_signal below has its handlers, or an early SIGTERM would kill us (-15).
         asyncio.get_running_loop().call_soon(sdnotify.ready, f"serving {self.path}")
         print(f"pyproxy engine serving {self.path}", flush=True)
-        log.info("engine serving %s", self.path)
+        log.info("engine serving %s", self.path, extra={"socket": self.path})
         accepting = asyncio.get_running_loop().create_task(self._accept(listener))
         await wait_for_stop_signal()
         sdnotify.stopping()
@@ -248,7 +260,7 @@ class Engine:
             try:
                 conn, _ = await loop.sock_accept(listener)
             except OSError as exc:  # out of fds: back off rather than spin
-                log.warning("engine: accept: %s", exc.strerror)
+                log.warning("engine: accept: %s", exc.strerror, extra={"reason": exc.strerror})
                 await asyncio.sleep(0.5)
                 continue
             task = loop.create_task(self._registration(conn))
@@ -270,43 +282,60 @@ class Engine:
         pid = 0
         try:
             pid, uid = self._peer(conn)
+            peer = {"peer_pid": pid, "peer_uid": uid}
             if uid not in (0, os.geteuid()):
-                log.warning("engine: refused a registration from pid %d, uid %d", pid, uid)
+                log.warning("engine: refused pid %d, uid %d: only root or uid %d may register "
+                            "or list", pid, uid, os.geteuid(),
+                            extra={**peer, "reason": "permission denied"})
                 await self._reply(conn, 1, "engine: permission denied")
                 return
             try:
                 request = await asyncio.wait_for(receive_request(conn, fds), REQUEST_TIMEOUT)
+                if request == LIST_REQUEST:
+                    log.debug("engine: pid %d asked for the list of %d mapping(s)", pid,
+                              len(self.stats), extra=peer)
+                    await self._reply_raw(conn, encode_list_reply(
+                        [row.to_json() for row in rows_from_stats(self.stats)]))
+                    return
                 config = _config_for(request)
             except TimeoutError:
                 log.warning("engine: pid %d sent no request within %gs; closed", pid,
-                            REQUEST_TIMEOUT)
+                            REQUEST_TIMEOUT, extra={**peer, "reason": "no request"})
                 await self._reply(conn, 1, f"engine: no request within {REQUEST_TIMEOUT:g}s")
                 return
             except WireError as exc:
-                log.warning("engine: malformed request from pid %d: %s", pid, exc)
+                log.warning("engine: malformed request from pid %d: %s", pid, exc,
+                            extra={**peer, "reason": str(exc)})
                 await self._reply(conn, 1, f"engine: malformed request: {exc}")
                 return
             except UsageError as exc:
+                log.debug("engine: pid %d: refused its command line: %s", pid, exc,
+                          extra={**peer, "reason": str(exc)})
                 await self._reply(conn, 2, str(exc))
                 return
+            log.debug("engine: pid %d registers %s", pid, ", ".join(map(str, config.mappings)),
+                      extra=peer)
             try:
                 publication = await asyncio.wait_for(self._start(config, fds), ANSWER_TIMEOUT)
             except TimeoutError:
                 log.warning("engine: pid %d: could not start %s within %gs", pid,
-                            ", ".join(map(str, config.mappings)), ANSWER_TIMEOUT)
+                            ", ".join(map(str, config.mappings)), ANSWER_TIMEOUT,
+                            extra={**peer, "reason": "timeout"})
                 await self._reply(conn, 1, f"engine: could not start the mapping within "
                                   f"{ANSWER_TIMEOUT:g}s")
                 return
             except StartupError as exc:
+                log.debug("engine: pid %d: cannot start: %s", pid, exc,
+                          extra={**peer, "reason": str(exc)})
                 await self._reply(conn, 1, str(exc))
                 return
             finally:
                 for fd in fds:  # passed but not adopted: close it now, not at the mapping's end
                     os.close(fd)
                 fds.clear()
-            lines = publication.lines()
-            log.info("serving %s", ", ".join(lines))
-            await self._reply(conn, 0, "\n".join(lines))
+            for mapping in publication.published():
+                log.info("serving %s", mapping, extra={**peer, **mapping_fields(mapping)})
+            await self._reply(conn, 0, "\n".join(publication.lines()))
             stop = await self._held_until_stop(conn)
             await self._release(publication)
             publication = None
@@ -315,7 +344,8 @@ class Engine:
         except asyncio.CancelledError:
             raise  # the engine is stopping: serve() releases every mapping
         except (Exception, SystemExit) as exc:  # noqa: BLE001 -- one registration must not end the rest
-            log.error("engine: registration from pid %d failed: %r", pid, exc)
+            log.error("engine: registration from pid %d failed: %r", pid, exc,
+                      extra={"peer_pid": pid, "reason": repr(exc)})
             await self._reply(conn, 1, f"engine: internal error: {exc!r}")
             if publication is not None:
                 await self._release(publication)
@@ -343,7 +373,8 @@ class Engine:
         for mapping in publication.stats:
             self.stats.pop(mapping, None)
         await publication.close()
-        log.info("released %s", ", ".join(publication.lines()))
+        for mapping in publication.published():
+            log.info("released %s", mapping, extra=mapping_fields(mapping))
 
     async def _held_until_stop(self, conn: socket.socket) -> bool:
         """True if the waiter asked to stop, False if the connection just ended."""

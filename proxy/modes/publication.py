@@ -53,6 +53,10 @@ class Publication:
         await relay.start(sock, adopted=adopted)
         self.relays.append(relay)
 
+    def published(self) -> list[Mapping]:
+        """Each mapping as it is served: the port it got, the interface it was bound by."""
+        return [relay.mapping for relay in self.relays]
+
     def lines(self) -> list[str]:
         """What this publishes, in `docker port` format."""
         return [relay.mapping.docker_port_line(relay.port) for relay in self.relays]

@@ -10,6 +10,7 @@ import signal
 from typing import Any
 
 from proxy.ground.config import Config
+from proxy.ground.logs import mapping_fields
 from proxy.ground.privileges import drop_to
 from proxy.ground.sockets import StartupError
 from proxy.ground.statuspipe import LISTEN_FD, StatusPipe
@@ -55,16 +56,17 @@ class Standalone:
         try:
             await self.start()
         except StartupError as exc:
-            log.error("cannot start: %s", exc)
+            log.error("cannot start: %s", exc, extra={"reason": str(exc)})
             self.status.fail(str(exc))
             return 1
         if stop.done():  # stopped while starting: exit 0, nothing on fd 3 (dockerd sees EOF)
             self._stop_metrics()
             self.publication.stop_accepting()
             return 0
-        for line, relay in zip(self.publication.lines(), self.publication.relays, strict=True):
+        for line in self.publication.lines():
             print(line, flush=True)  # before "ready": whoever waits on fd 3 can read them
-            log.info("serving %s -> %s", line, relay.mapping.backend())
+        for mapping in self.publication.published():
+            log.info("serving %s", mapping, extra=mapping_fields(mapping))
         self.status.ready()
         signum = await stop
         self._stop_metrics()

@@ -24,6 +24,7 @@ from time import perf_counter
 from proxy.ground import accesslog
 from proxy.ground.access import AllowList
 from proxy.ground.config import Mapping, RelayOptions
+from proxy.ground.logs import mapping_fields
 from proxy.ground.sockets import Backoff, abort, dial_error, go_strerror, set_buffer_size
 from proxy.ground.stats import MappingStats
 from proxy.relays.idle import IdleSweeper
@@ -257,8 +258,11 @@ class Association:
         """An ABORT, an error, a message we can't pass on: abort both sides, say why once."""
         if exc.errno not in (errno.ECONNRESET, errno.EPIPE):  # a peer's ABORT needs no line
             side = "container" if direction.from_client == sending else "client"
-            log.warning("sctp: client %s: %s %s: %s", self.peer[0:2],
-                        "send to" if sending else "receive from", side, go_strerror(exc))
+            peer = accesslog.hostport(self.peer)
+            log.warning("sctp %s: client %s: %s %s: %s", self.listener.mapping.frontend(), peer,
+                        "send to" if sending else "receive from", side, go_strerror(exc),
+                        extra={**mapping_fields(self.listener.mapping), "client": peer,
+                               "reason": go_strerror(exc)})
         if self.record is not None:
             client = direction.from_client != sending
             if exc.errno == errno.ECONNRESET:
@@ -315,6 +319,7 @@ class SctpListener:
         self.dial_retry = config.dial_retry
         self.idle_timeout = config.idle_timeout
         self.access = accesslog.current  # None: off
+        self.debug = log.isEnabledFor(logging.DEBUG)  # said once: see TcpListener
         self.connections: set[Association] = set()
         self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]  # set in start()
         self._backend = mapping.backend_address
@@ -359,6 +364,14 @@ class SctpListener:
         if assoc in self.connections:
             self.connections.discard(assoc)
             self.stats.active -= 1
+            if self.debug:
+                self.log_event("closed", assoc.peer)
+
+    def log_event(self, event: str, peer: tuple) -> None:
+        """-log-level debug: an association accepted, refused or closed (never a message)."""
+        client = accesslog.hostport(peer)
+        log.debug("sctp %s: client %s %s", self.mapping.frontend(), client, event,
+                  extra={**mapping_fields(self.mapping), "client": client})
 
     def _accept(self) -> None:
         listener = self._sock
@@ -400,6 +413,8 @@ class SctpListener:
             stats.rejected_limit += 1
             refused = accesslog.REFUSED_MAX_CONNS
         if refused is not None:
+            if self.debug:
+                self.log_event(f"refused ({refused})", peer)
             abort(sock)
             if record is not None:
                 record.ended(refused)
@@ -410,6 +425,8 @@ class SctpListener:
         self.connections.add(assoc)
         stats.active += 1
         assoc.dial = self.loop.create_task(self._dial(assoc))
+        if self.debug:
+            self.log_event("accepted", peer)
 
     async def _dial(self, assoc: Association) -> None:
         """Connect to the container for `assoc`, retrying a refusal for up to -dial-retry.
@@ -450,8 +467,11 @@ class SctpListener:
     def _dial_failed(self, assoc: Association, exc: OSError | ValueError) -> None:
         assoc.dial = None  # ending now, not to be cancelled by close()
         self.stats.dial_failures += 1
-        log.warning("sctp: client %s: dial %s: %s", assoc.peer[0:2], self.mapping.backend(),
-                    dial_error(exc))
+        peer = accesslog.hostport(assoc.peer)
+        log.warning("sctp %s: client %s: dial %s: %s", self.mapping.frontend(), peer,
+                    self.mapping.backend(), dial_error(exc),
+                    extra={**mapping_fields(self.mapping), "client": peer,
+                           "reason": dial_error(exc)})
         if assoc.record is not None:
             assoc.record.ended(accesslog.DIAL_FAILED, dial_error(exc))
         assoc.close(abort_all=True)

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, cast
 from proxy.ground import accesslog, proxyproto, transparent
 from proxy.ground.access import AllowList
 from proxy.ground.config import Mapping, RelayOptions
+from proxy.ground.logs import mapping_fields
 from proxy.ground.sockets import BACKLOG, Backoff, dial_error, reset, set_keepalive
 from proxy.ground.stats import MappingStats
 from proxy.relays.idle import IdleSweeper
@@ -243,11 +244,15 @@ class ClientSide(_Side):
         listener.connections.add(self)
         stats.active += 1
         self.dial = listener.loop.create_task(listener.dial(self))
+        if listener.debug:
+            listener.log_event("accepted", transport)
 
     def _refuse(self, why: str) -> None:
         """Reset a client we won't serve; it never counts as active (see connection_lost)."""
         transport, self.transport = self.transport, None
         assert transport is not None
+        if self.listener.debug:
+            self.listener.log_event(f"refused ({why})", transport)
         reset(transport)
         if self.record is not None:
             self.record.ended(why)
@@ -299,6 +304,8 @@ class ClientSide(_Side):
         listener = self.listener
         listener.connections.discard(self)
         self.stats.active -= 1
+        if listener.debug:
+            listener.log_event("closed", self.transport, exc)
         if self.dial is not None and not self.dial.done():
             self.dial.cancel()
         super().connection_lost(exc)
@@ -335,6 +342,8 @@ class TcpListener:
         self.idle_timeout = config.idle_timeout
         self.access = accesslog.current  # None: off
         self.backend_text = mapping.backend()  # for its lines, formatted once
+        # Said once here, so that without -log-level debug a connection pays one attribute test.
+        self.debug = log.isEnabledFor(logging.DEBUG)
         self.connections: set[ClientSide] = set()
         # Dials under way, by when their current attempt began; oldest first (see _sweep_dials).
         self.dialing: dict[ClientSide, float] = {}
@@ -347,6 +356,15 @@ class TcpListener:
     @property
     def open_count(self) -> int:
         return len(self.connections)
+
+    def log_event(self, event: str, transport: BaseTransport, exc: BaseException | None = None,
+                  ) -> None:
+        """-log-level debug: a connection accepted, refused or closed (never a read)."""
+        client = accesslog.hostport(transport.get_extra_info("peername"))
+        reason = {"reason": dial_error(exc)} if exc is not None else {}
+        log.debug("%s %s: client %s %s%s", self.mapping.proto, self.mapping.frontend(), client,
+                  event, f": {reason['reason']}" if reason else "",
+                  extra={**mapping_fields(self.mapping), "client": client, **reason})
 
     async def start(self, sock: socket.socket, *, adopted: bool = False) -> None:
         # Kept: asyncio.get_running_loop() costs a getpid() system call on every call.
@@ -463,10 +481,10 @@ class TcpListener:
             reason += " (with -transparent: is the policy routing for replies in place?)"
         if client.record is not None:
             client.record.ended(accesslog.DIAL_FAILED, reason)
-        peer = client.transport.get_extra_info("peername") if client.transport else None
-        log.warning(
-            "%s: client %s: dial %s: %s", self.mapping.proto, peer and peer[0:2],
-            self.mapping.backend(), reason,
-        )
+        peer = accesslog.hostport(client.transport.get_extra_info("peername")
+                                  if client.transport else None)
+        log.warning("%s %s: client %s: dial %s: %s", self.mapping.proto, self.mapping.frontend(),
+                    peer, self.backend_text, reason,
+                    extra={**mapping_fields(self.mapping), "client": peer, "reason": reason})
         if client.transport is not None:
             reset(client.transport)

@@ -25,7 +25,7 @@ from proxy.ground import accesslog, proxyproto, transparent
 from proxy.ground.access import AllowList
 from proxy.ground.budget import FlowBudget, process_budget
 from proxy.ground.config import Mapping, RelayOptions
-from proxy.ground.logs import Throttle
+from proxy.ground.logs import Throttle, mapping_fields
 from proxy.ground.sockets import go_strerror, set_buffer_size
 from proxy.ground.stats import MappingStats
 
@@ -122,6 +122,8 @@ class UdpRelay:
         self.proxy_protocol = config.proxy_protocol
         self.transparent = config.transparent
         self.access = accesslog.current  # None: off
+        # Said once here: without -log-level debug a new or ended flow pays one attribute test.
+        self.debug = log.isEnabledFor(logging.DEBUG)
         self._backend = mapping.backend_address
         self._backend_family = mapping.backend_family
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -190,6 +192,7 @@ class UdpRelay:
                     flow.pktinfo_seen = info
                     flow.reply_ancillary = _reply_pktinfo(level, kind, info)
             stats.datagrams_from_client += 1
+            stats.bytes_from_client += len(data)
             if counting:
                 flow.record.from_client += len(data)  # type: ignore[union-attr]
             self._to_container(flow, data)
@@ -224,7 +227,8 @@ class UdpRelay:
             if held is not None:
                 log.warning("udp %s: the process's %d UDP flows are all in use: evicting the "
                             "busiest mapping's idlest flows (%d more since the last line)",
-                            self.mapping.frontend(self.port), self.budget.limit, held)
+                            self.mapping.frontend(self.port), self.budget.limit, held,
+                            extra={**mapping_fields(self.mapping), "reason": "flow budget"})
             if not self.budget.evict_one():
                 stats.datagrams_no_flow += 1
                 return None
@@ -242,8 +246,11 @@ class UdpRelay:
                 held = self._no_flow_log.ready(now)
                 if held is not None:
                     reason = go_strerror(exc) if isinstance(exc, OSError) else str(exc)
-                    log.warning("udp: client %s: no flow to %s: %s (%d more since the last line)",
-                                client[:2], self.mapping.backend(), reason, held)
+                    peer = accesslog.hostport(client)
+                    log.warning("udp %s: client %s: no flow to %s: %s (%d more since the last "
+                                "line)", self.mapping.frontend(), peer, self.mapping.backend(),
+                                reason, held, extra={**mapping_fields(self.mapping),
+                                                     "client": peer, "reason": reason})
                 return None
         flow = Flow(client, sock, now)
         if self.proxy_protocol:
@@ -257,7 +264,15 @@ class UdpRelay:
         self.budget.used += 1
         stats.flows_created += 1
         stats.flows_active += 1
+        if self.debug:
+            self._log_flow(client, "created")
         return flow
+
+    def _log_flow(self, client: Any, event: str) -> None:
+        """-log-level debug: a flow created, expired, evicted or shut down (never a datagram)."""
+        peer = accesslog.hostport(client)
+        log.debug("udp %s: client %s: flow %s", self.mapping.frontend(), peer, event,
+                  extra={**mapping_fields(self.mapping), "client": peer, "event": event})
 
     def _flow_socket(self, client: Any) -> socket.socket:
         """A socket connected to the container, for a new flow of `client`."""
@@ -302,6 +317,7 @@ class UdpRelay:
                 socket_error = True
                 continue
             stats.datagrams_from_container += 1
+            stats.bytes_from_container += len(data)
             if record is not None:
                 record.from_backend += len(data)
             try:
@@ -360,6 +376,8 @@ class UdpRelay:
         flow.sock.close()
         self.budget.used -= 1
         self.stats.flows_active -= 1
+        if self.debug:
+            self._log_flow(flow.client, why)
         if flow.record is not None:
             flow.record.ended(why)
             flow.record.side_closed()
