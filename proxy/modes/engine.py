@@ -5,8 +5,16 @@ thousand interpreters. See proxy.handover for the spawned side of the handshake.
 Protocol, over a Unix stream socket (0600, owner only, in a directory only its owner or root
 can write), framed as in proxy.ground.wire: the spawned process sends its argv, with fd 4 attached
 (SCM_RIGHTS) when it has one; the engine answers 0 with the `docker port` lines, or 1 (or 2,
-usage) with the error. After a 0 the connection is the mapping's lifetime: "stop" (answered
-"ok" once the port is released) or EOF drops the mapping.
+usage) with the error. A 0 carries (SCM_RIGHTS) the mapping's listening sockets, which the
+waiter holds, so they outlive this process. After a 0 the connection is the mapping's
+lifetime: "stop" (answered "ok" once the port is released) or EOF drops the mapping.
+
+When an engine dies, each waiter re-execs pyproxy, which registers again with whichever engine
+serves the path next: a re-attach (proxy.ground.wire.REATTACH), the same argv with the sockets
+it holds attached. It is checked exactly as a registration is, and each socket must be the one
+its mapping would have (proxy.ground.sockets.adopt_held_socket), or all are closed and it is
+refused; the engine then adopts them instead of binding, so clients queued in the kernel
+meanwhile are served.
 
 Every request gets an answer and none can end the engine: a peer is the wrong user, slow,
 malformed or hostile at worst, and only its own connection pays for it.
@@ -26,9 +34,9 @@ from typing import Any
 from proxy.ground.config import Config, Mapping, ProcessOptions
 from proxy.ground.flags import UsageError, config_from_args, parse_args
 from proxy.ground.sockets import StartupError, go_strerror
-from proxy.ground.stats import MappingStats
+from proxy.ground.stats import EngineStats, MappingStats
 from proxy.ground.statuspipe import StatusPipe
-from proxy.ground.wire import MAX_PAYLOAD, WireError, decode_argv, encode_reply, unframe
+from proxy.ground.wire import MAX_HELD, MAX_PAYLOAD, WireError, decode_request, encode_reply, unframe
 from proxy.modes.publication import Publication
 from proxy.modes.signals import wait_for_stop_signal
 
@@ -37,7 +45,8 @@ log = logging.getLogger("pyproxy")
 REQUEST_TIMEOUT = 5.0  # a spawned pyproxy sends its request at once; an idle peer is dropped
 ANSWER_TIMEOUT = 10.0  # dockerd gives up on "0\n" after 16 s: answer well before
 _UCRED = struct.Struct("3i")  # pid, uid, gid
-_FD_SPACE = socket.CMSG_SPACE(4)  # room for one fd (two, aligned): the kernel closes any more
+# Room for a re-attach's sockets, one per mapping: the kernel closes any more that come.
+_FD_SPACE = socket.CMSG_SPACE(4 * MAX_HELD)
 _PROCESS_DEFAULTS = ProcessOptions()
 # The engine process's own options: a registration that asks for its own gets a usage error
 # saying why, rather than being served without it. (-engine-socket only says where the
@@ -72,8 +81,9 @@ async def _readable(sock: socket.socket) -> None:
 
 
 async def receive_request(conn: socket.socket, fds: list[int]) -> bytes:
-    """One framed request; the first fd that came with it is appended to `fds` (the caller
-    closes it), any other is closed at once. Raises WireError if it is not a request."""
+    """One framed request; the fds that came with its first message are appended to `fds`
+    (the caller closes them), any that come later are closed at once. Raises WireError if it
+    is not a request."""
     data = b""
     while (payload := unframe(data)) is None:
         await _readable(conn)
@@ -83,20 +93,23 @@ async def receive_request(conn: socket.socket, fds: list[int]) -> bytes:
             continue
         for level, kind, fd_bytes in ancillary:
             if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                for fd in array.array("i", fd_bytes[: len(fd_bytes) - len(fd_bytes) % 4]):
-                    if fds:
-                        os.close(fd)  # one listening socket per request, no more
-                    else:
-                        fds.append(fd)
+                received = array.array("i", fd_bytes[: len(fd_bytes) - len(fd_bytes) % 4])
+                if data or fds:  # sockets come with the request's first bytes, or not at all
+                    for fd in received:
+                        os.close(fd)
+                else:
+                    fds.extend(received)
         if not chunk:
             raise WireError("the connection ended before a whole request came")
         data += chunk  # bounded: unframe raises once a frame cannot fit MAX_PAYLOAD
     return payload
 
 
-def _config_for(request: bytes) -> Config:
-    """The Config a registration asks for; UsageError (or WireError) if the engine can't serve it."""
-    args = parse_args(decode_argv(request))
+def _config_for(request: bytes) -> tuple[Config, bool]:
+    """The Config a registration (or re-attach: True) asks for; UsageError (or WireError) if
+    the engine can't serve it."""
+    argv, reattach = decode_request(request)
+    args = parse_args(argv)
     if args.help or args.version:
         raise UsageError("argument -h/-v: help and the version are printed by pyproxy itself, "
                          "not through the engine")
@@ -105,7 +118,7 @@ def _config_for(request: bytes) -> Config:
         if getattr(config, name) != getattr(_PROCESS_DEFAULTS, name):
             raise UsageError(f"argument -{name.replace('_', '-')}: not through the engine "
                              f"({why}){_STANDALONE_HINT}")
-    return config
+    return config, reattach
 
 
 def _unsafe_directory(directory: str) -> str | None:
@@ -140,6 +153,7 @@ class Engine:
         self.config = config
         self.path = config.engine_socket
         self.stats: dict[Mapping, MappingStats] = {}  # every registration's, for /metrics
+        self.engine_stats = EngineStats()
         self.publications: set[Publication] = set()
         self._metrics: Any = None
         self._tasks: set[asyncio.Task[None]] = set()
@@ -213,7 +227,8 @@ class Engine:
             if self.config.metrics_addr:
                 from proxy.ground.metrics import start_metrics  # only paid for when asked
 
-                self._metrics = start_metrics(self.config.metrics_addr, self.stats)
+                self._metrics = start_metrics(self.config.metrics_addr, self.stats,
+                                              self.engine_stats)
         except StartupError as exc:
             log.error("cannot start: %s", exc)
             status.fail(str(exc))
@@ -269,7 +284,7 @@ class Engine:
                 return
             try:
                 request = await asyncio.wait_for(receive_request(conn, fds), REQUEST_TIMEOUT)
-                config = _config_for(request)
+                config, reattach = _config_for(request)
             except TimeoutError:
                 log.warning("engine: pid %d sent no request within %gs; closed", pid,
                             REQUEST_TIMEOUT)
@@ -282,8 +297,17 @@ class Engine:
             except UsageError as exc:
                 await self._reply(conn, 2, str(exc))
                 return
+            if reattach and len(fds) != len(config.mappings):
+                log.warning("engine: refused a re-attach from pid %d: %d socket(s) for %d "
+                            "mapping(s)", pid, len(fds), len(config.mappings))
+                await self._reply(conn, 1, f"engine: re-attach: {len(fds)} socket(s) held for "
+                                  f"{len(config.mappings)} mapping(s)")
+                return
+            while not reattach and len(fds) > 1:
+                os.close(fds.pop())  # one listening socket per registration, no more
             try:
-                publication = await asyncio.wait_for(self._start(config, fds), ANSWER_TIMEOUT)
+                publication = await asyncio.wait_for(self._start(config, fds, reattach),
+                                                     ANSWER_TIMEOUT)
             except TimeoutError:
                 log.warning("engine: pid %d: could not start %s within %gs", pid,
                             ", ".join(map(str, config.mappings)), ANSWER_TIMEOUT)
@@ -291,6 +315,8 @@ class Engine:
                                   f"{ANSWER_TIMEOUT:g}s")
                 return
             except StartupError as exc:
+                if reattach:
+                    log.warning("engine: refused a re-attach from pid %d: %s", pid, exc)
                 await self._reply(conn, 1, str(exc))
                 return
             finally:
@@ -298,8 +324,18 @@ class Engine:
                     os.close(fd)
                 fds.clear()
             lines = publication.lines()
-            log.info("serving %s", ", ".join(lines))
-            await self._reply(conn, 0, "\n".join(lines))
+            if reattach:
+                # What the dead engine had open on these mappings is lost, and no one left
+                # knows how much: only the mappings themselves are counted.
+                self.engine_stats.reattached_mappings += len(lines)
+                for line in lines:
+                    log.info("re-attached %s (pid %d)", line, pid)
+                await self._reply(conn, 0, "\n".join(lines))
+            else:
+                log.info("serving %s", ", ".join(lines))
+                # The waiter holds a copy of each listening socket, so they outlive us.
+                await self._reply(conn, 0, "\n".join(lines),
+                                  [sock.fileno() for sock in publication.sockets])
             stop = await self._held_until_stop(conn)
             await self._release(publication)
             publication = None
@@ -317,8 +353,15 @@ class Engine:
                 os.close(fd)
             conn.close()
 
-    async def _start(self, config: Config, fds: list[int]) -> Publication:
-        """Open the mapping (adopting the passed socket if -use-listen-fd); StartupError if not."""
+    async def _start(self, config: Config, fds: list[int], reattach: bool) -> Publication:
+        """Open the mapping (adopting the passed socket if -use-listen-fd, the held ones on a
+        re-attach); StartupError if not."""
+        if reattach:
+            publication = Publication(config, None, held=fds)  # takes each fd it wraps
+            await publication.open()
+            self.publications.add(publication)
+            self.stats.update(publication.stats)
+            return publication
         listen_fd = fds.pop(0) if (config.use_listen_fd and fds) else None
         publication = Publication(config, listen_fd)
         try:
@@ -351,11 +394,23 @@ class Engine:
             if b"stop" in data:
                 return True
 
-    async def _reply(self, conn: socket.socket, status: int, body: str) -> None:
+    async def _reply(self, conn: socket.socket, status: int, body: str,
+                     fds: list[int] | None = None) -> None:
         try:
             reply = encode_reply(status, body)
         except WireError:  # a reply over the frame limit (thousands of mappings)
-            reply = encode_reply(1, "engine: the reply does not fit the protocol's frame")
+            reply, fds = encode_reply(1, "engine: the reply does not fit the protocol's frame"), None
+        if fds:
+            # The first bytes carry the fds; the reply is this connection's first send, so
+            # its buffer is empty and it goes at once (the rest, if any, as any reply).
+            try:
+                sent = conn.sendmsg([reply], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                                               array.array("i", fds).tobytes())])
+            except BlockingIOError:
+                sent = 0  # cannot happen on an empty buffer; the waiter then holds nothing
+            except OSError:
+                return  # the spawned process is gone
+            reply = reply[sent:]
         await self._reply_raw(conn, reply)
 
     async def _reply_raw(self, conn: socket.socket, data: bytes) -> None:
