@@ -44,6 +44,7 @@ from proxy.ground.wire import (
     encode_request,
     engine_socket_path,
     frame,
+    pyproxy_command,
     unframe,
 )
 
@@ -72,7 +73,6 @@ CONNECT_TIMEOUT = 2.0
 ANSWER_TIMEOUT = 15.0  # the engine answers within its own 10 s
 RETRY_FIRST = 0.01
 RETRY_MAX = 0.2
-_PROGRAM_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _FD_SPACE = _socket.CMSG_SPACE(4 * MAX_HELD)
 _LISTEN_FD_FLAGS = {"-use-listen-fd", "--use-listen-fd"}
 _UCRED_SIZE = 12  # struct ucred: pid, uid, gid
@@ -150,12 +150,9 @@ def _quote(word: str) -> str:
 
 
 def resume_command(held: Sequence[int], argv: Sequence[str]) -> str:
-    """The shell command that re-attaches: this interpreter, this copy of pyproxy (whatever
-    sys.path found it by), the held fds and the original argv, each quoted."""
-    program = (f"import sys; sys.path[0] = {_PROGRAM_ROOT!r}; "
-               "from proxy.launch import main; sys.exit(main())")
-    words = [sys.executable, "-c", program,
-             f"{REATTACH_FLAG}={','.join(map(str, held))}", *argv]
+    """The shell command that re-attaches: this copy of pyproxy with the held fds and the
+    original argv, each word quoted."""
+    words = pyproxy_command([f"{REATTACH_FLAG}={','.join(map(str, held))}", *argv])
     return "exec " + " ".join(map(_quote, words)) + " </dev/null >/dev/null"
 
 

@@ -22,6 +22,7 @@ from tests.helpers import (
     docker_args,
     exchange,
     free_port,
+    output,
     reattaching,
     refused,
     spawn_via,
@@ -330,3 +331,50 @@ def test_hostile_reattach_is_refused_and_nothing_leaks(engine):
         until(lambda: refused(port), within=5)
     finally:
         backend.close()
+
+
+# -- upgrade: SIGUSR2 starts the installed pyproxy and hands every mapping over ----------------
+
+def test_reload_under_a_connection_loop_refuses_and_resets_nothing(tmp_path, proxy_loop_env):
+    path, metrics = str(tmp_path / "engine.sock"), free_port()
+    engine = Proxy(["-engine", "-engine-socket", path, "-metrics-addr", f"127.0.0.1:{metrics}",
+                    "-drain-timeout", "5s"], env=proxy_loop_env)
+    backend, udp_backend = EchoBackend(), UdpEcho()
+    tcp_ports = [free_port() for _ in range(4)]
+    udp_ports = [free_port(kind=socket.SOCK_DGRAM) for _ in range(2)]
+    waiters = ([spawn_via(path, docker_args(p, backend.port)) for p in tcp_ports]
+               + [spawn_via(path, docker_args(p, udp_backend.port, proto="udp"))
+                  for p in udp_ports])
+    new_pid = 0
+    try:
+        loops = [ConnectLoop(port) for port in tcp_ports[:2]]
+        time.sleep(0.3)
+        engine.proc.send_signal(signal.SIGUSR2)
+        assert engine.proc.wait(timeout=30) == 0  # once its own connections finished
+        lines = output(engine.proc)[0].decode().splitlines()
+        assert len(lines) == 2 and all(line.startswith(f"pyproxy engine serving {path}")
+                                       for line in lines)
+        new_pid = int(lines[1].rpartition("pid ")[2].rstrip(")"))
+        assert new_pid != engine.proc.pid
+        until(lambda: all(serves_tcp(p) for p in tcp_ports)
+              and all(serves_udp(p) for p in udp_ports), within=5)
+        time.sleep(0.3)  # the loops run on the new engine alone
+        for loop in loops:
+            loop.stop()
+            assert (loop.refused, loop.lost) == (0, 0)
+            assert loop.served > 0
+        assert all(w.proc.poll() is None for w in waiters)  # dockerd's children stay
+        # the new process serves: the old one is gone, and the new one counts the mappings
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics}/metrics", timeout=5) as r:
+            text = r.read().decode()
+        assert f"pyproxy_engine_reattached_mappings_total {len(waiters)}.0" in text
+        for w, port in zip(waiters, tcp_ports + udp_ports, strict=True):
+            w.proc.send_signal(signal.SIGINT)
+            assert w.proc.wait(timeout=5) == 0
+            if port in tcp_ports:
+                assert refused(port)
+    finally:
+        if new_pid:
+            os.kill(new_pid, signal.SIGKILL)  # not our child: the old engine started it
+        backend.close()
+        udp_backend.close()

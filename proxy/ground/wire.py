@@ -17,6 +17,7 @@ The spawned side imports this before "0\\n", so it may import only os, sys and C
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Sequence
 
 ENGINE_SOCKET_ENV = "PYPROXY_ENGINE_SOCKET"
@@ -27,6 +28,18 @@ _DIGITS = frozenset(b"0123456789")
 STATUSES = (0, 1, 2)
 REATTACH = b"reattach"  # the kind of a waiter's request after its engine went away
 MAX_HELD = 64  # listening sockets one request may carry (one per mapping of its argv)
+
+
+# The directory this copy of pyproxy is imported from (proxy/ground/wire.py -> its root).
+_PROGRAM_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def pyproxy_command(args: Sequence[str]) -> list[str]:
+    """The argv that runs this copy of pyproxy (this interpreter, whatever sys.path found it
+    by) with `args`: how a waiter re-attaches and an engine reloads itself."""
+    program = (f"import sys; sys.path[0] = {_PROGRAM_ROOT!r}; "
+               "from proxy.launch import main; sys.exit(main())")
+    return [sys.executable, "-c", program, *args]
 
 
 def engine_socket_path() -> str:

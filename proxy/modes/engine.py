@@ -26,24 +26,35 @@ import array
 import asyncio
 import logging
 import os
+import signal
 import socket
 import stat
 import struct
+import sys
 from typing import Any
 
 from proxy.ground.config import Config, Mapping, ProcessOptions
 from proxy.ground.flags import UsageError, config_from_args, parse_args
 from proxy.ground.sockets import StartupError, go_strerror
 from proxy.ground.stats import EngineStats, MappingStats
-from proxy.ground.statuspipe import StatusPipe
-from proxy.ground.wire import MAX_HELD, MAX_PAYLOAD, WireError, decode_request, encode_reply, unframe
+from proxy.ground.statuspipe import STATUS_FD, StatusPipe
+from proxy.ground.wire import (
+    MAX_HELD,
+    MAX_PAYLOAD,
+    WireError,
+    decode_request,
+    encode_reply,
+    pyproxy_command,
+    unframe,
+)
 from proxy.modes.publication import Publication
-from proxy.modes.signals import wait_for_stop_signal
+from proxy.modes.signals import stop_requested
 
 log = logging.getLogger("pyproxy")
 
 REQUEST_TIMEOUT = 5.0  # a spawned pyproxy sends its request at once; an idle peer is dropped
 ANSWER_TIMEOUT = 10.0  # dockerd gives up on "0\n" after 16 s: answer well before
+RELOAD_TIMEOUT = 20.0  # for the new engine's "0" on its status pipe
 _UCRED = struct.Struct("3i")  # pid, uid, gid
 # Room for a re-attach's sockets, one per mapping: the kernel closes any more that come.
 _FD_SPACE = socket.CMSG_SPACE(4 * MAX_HELD)
@@ -65,7 +76,18 @@ _ENGINE_WIDE = {
 _STANDALONE_HINT = "; to serve it in its own process, run it with PYPROXY_ENGINE_SOCKET= (empty)"
 
 
-async def _readable(sock: socket.socket) -> None:
+async def _read_to_eof(fd: int) -> bytes:
+    """All a pipe gives until its writer closes it (a status pipe: "0\\n" or "1\\n<error>")."""
+    data = b""
+    while True:
+        await _readable(fd)
+        chunk = os.read(fd, 4096)
+        if not chunk:
+            return data
+        data += chunk
+
+
+async def _readable(fd: int) -> None:
     loop = asyncio.get_running_loop()
     ready: asyncio.Future[None] = loop.create_future()
 
@@ -73,11 +95,11 @@ async def _readable(sock: socket.socket) -> None:
         if not ready.done():
             ready.set_result(None)
 
-    loop.add_reader(sock.fileno(), wake)
+    loop.add_reader(fd, wake)
     try:
         await ready
     finally:
-        loop.remove_reader(sock.fileno())
+        loop.remove_reader(fd)
 
 
 async def receive_request(conn: socket.socket, fds: list[int]) -> bytes:
@@ -86,7 +108,7 @@ async def receive_request(conn: socket.socket, fds: list[int]) -> bytes:
     is not a request."""
     data = b""
     while (payload := unframe(data)) is None:
-        await _readable(conn)
+        await _readable(conn.fileno())
         try:
             chunk, ancillary, _, _ = conn.recvmsg(MAX_PAYLOAD + 16, _FD_SPACE)
         except BlockingIOError:
@@ -221,34 +243,117 @@ class Engine:
         except OSError:
             pass  # already gone (deleted by hand): nothing of ours to remove
 
-    async def serve(self, status: StatusPipe) -> int:
-        try:
-            listener = self._listen()
-            if self.config.metrics_addr:
-                from proxy.ground.metrics import start_metrics  # only paid for when asked
+    def _open(self) -> socket.socket:
+        """The engine socket, and /metrics if asked for; StartupError if either fails."""
+        listener = self._listen()
+        if self.config.metrics_addr:
+            from proxy.ground.metrics import start_metrics  # only paid for when asked
 
+            try:
                 self._metrics = start_metrics(self.config.metrics_addr, self.stats,
                                               self.engine_stats)
+            except StartupError:
+                listener.close()
+                self._unlink_own_socket()
+                raise
+        return listener
+
+    async def serve(self, status: StatusPipe) -> int:
+        try:
+            listener = self._open()
         except StartupError as exc:
             log.error("cannot start: %s", exc)
             status.fail(str(exc))
             return 1
         status.ready()
-        print(f"pyproxy engine serving {self.path}", flush=True)
-        log.info("engine serving %s", self.path)
-        accepting = asyncio.get_running_loop().create_task(self._accept(listener))
-        await wait_for_stop_signal()
-        accepting.cancel()
-        listener.close()
-        self._unlink_own_socket()
-        if self._metrics is not None:
-            from proxy.ground.metrics import stop_metrics
-
-            stop_metrics(self._metrics)
+        print(f"pyproxy engine serving {self.path} (pid {os.getpid()})", flush=True)
+        log.info("engine serving %s (pid %d)", self.path, os.getpid())
+        loop = asyncio.get_running_loop()
+        stop = stop_requested()
+        reload_wanted = asyncio.Event()
+        loop.add_signal_handler(signal.SIGUSR2, reload_wanted.set)
+        while True:
+            accepting = loop.create_task(self._accept(listener))
+            reload_asked = loop.create_task(reload_wanted.wait())
+            either: set[asyncio.Future[Any]] = {stop, reload_asked}
+            await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
+            reload_asked.cancel()
+            accepting.cancel()
+            listener.close()
+            self._unlink_own_socket()
+            if stop.done():
+                await self._close_metrics(wait=False)
+                break
+            reload_wanted.clear()
+            await self._close_metrics(wait=True)  # the new engine binds the same address
+            if await self._reload():
+                # The waiters re-attach to the new engine; what is open here may finish.
+                await asyncio.gather(*(publication.close(self.config.drain_timeout)
+                                       for publication in list(self.publications)))
+                log.info("engine reloaded; this one (pid %d) is done", os.getpid())
+                return 0
+            try:
+                listener = self._open()  # serve on, as if nothing had been asked
+            except StartupError as exc:
+                log.error("reload failed, and cannot serve again: %s", exc)
+                break
         for publication in list(self.publications):
             await publication.close()
         log.info("engine stopped; released %d mapping(s)", len(self.publications))
         return 0
+
+    async def _close_metrics(self, wait: bool) -> None:
+        """Stop /metrics; with `wait`, only once its port is free again."""
+        server, self._metrics = self._metrics, None
+        if server is None:
+            return
+        if wait:
+            await asyncio.get_running_loop().run_in_executor(
+                None, lambda: (server.shutdown(), server.server_close()))
+        else:
+            from proxy.ground.metrics import stop_metrics
+
+            stop_metrics(server)
+
+    async def _reload(self) -> bool:
+        """Start the installed pyproxy with this engine's command line on the same path (ours
+        is gone by now), wait for its "0" on a status pipe; if it came, stop accepting and end
+        every waiter's connection, so each re-attaches its held sockets to the new engine
+        (clients queue in the kernel meanwhile): True. False if it did not start."""
+        loop = asyncio.get_running_loop()
+        command = pyproxy_command(sys.argv[1:])
+        read_end, write_end = os.pipe()
+        if write_end == STATUS_FD:  # dup2 onto itself would keep close-on-exec
+            write_end = os.dup(STATUS_FD)
+            os.close(STATUS_FD)
+        try:
+            pid = os.posix_spawn(command[0], command, os.environ,
+                                 file_actions=[(os.POSIX_SPAWN_DUP2, write_end, STATUS_FD)])
+        except OSError as exc:
+            log.error("reload: cannot start %s: %s", command[0], go_strerror(exc))
+            os.close(read_end)
+            return False
+        finally:
+            os.close(write_end)
+        try:
+            answer = await asyncio.wait_for(_read_to_eof(read_end), RELOAD_TIMEOUT)
+        except TimeoutError:
+            answer = b"1\nno answer within %gs" % RELOAD_TIMEOUT
+            os.kill(pid, signal.SIGKILL)
+        finally:
+            os.close(read_end)
+        if answer != b"0\n":
+            log.error("reload: the new engine (pid %d) did not start: %s", pid,
+                      answer[2:].decode(errors="replace") or "it exited")
+            await loop.run_in_executor(None, os.waitpid, pid, 0)  # no zombie left behind
+            return False
+        log.info("reload: engine pid %d serves %s; handing %d mapping(s) over to it", pid,
+                 self.path, len(self.publications))
+        for publication in self.publications:
+            publication.stop_accepting()  # our copies of the sockets: the waiters hold theirs
+        for task in list(self._tasks):
+            task.cancel()  # closes each waiter's connection: it re-attaches
+        return True
 
     async def _accept(self, listener: socket.socket) -> None:
         loop = asyncio.get_running_loop()
