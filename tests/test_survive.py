@@ -153,6 +153,10 @@ def test_engine_killed_and_restarted_every_port_serves_again(tmp_path, proxy_loo
                 waiters[proto, port] = spawn_via(path, args)
         assert all(serves_tcp(p) for p in tcp_ports) and all(serves_udp(p) for p in udp_ports)
         pids = {key: w.proc.pid for key, w in waiters.items()}
+        for pid in pids.values():  # the connection, stderr and the one held socket: no more
+            fds = {int(fd): os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")}
+            [held] = set(fds) - {0, 1, 2}
+            assert held != 3 and fds[held].startswith("socket:") and fds[held] != fds[0]
 
         loop = ConnectLoop(tcp_ports[0])
         time.sleep(0.2)
@@ -378,3 +382,34 @@ def test_reload_under_a_connection_loop_refuses_and_resets_nothing(tmp_path, pro
             os.kill(new_pid, signal.SIGKILL)  # not our child: the old engine started it
         backend.close()
         udp_backend.close()
+
+
+def test_a_reload_whose_new_engine_fails_keeps_the_old_one_serving(tmp_path, proxy_loop_env):
+    """The new engine cannot open the -log-file (its directory was renamed away): the old one
+    logs why, listens again, and serves on, old mappings and new registrations alike."""
+    path, logs = str(tmp_path / "engine.sock"), tmp_path / "logs"
+    logs.mkdir()
+    engine = Proxy(["-engine", "-engine-socket", path, "-log-file", str(logs / "engine.log")],
+                   env=proxy_loop_env)
+    backend = EchoBackend()
+    port, later = free_port(), free_port()
+    try:
+        waiter = spawn_via(path, docker_args(port, backend.port))
+        logs.rename(tmp_path / "moved")
+        engine.proc.send_signal(signal.SIGUSR2)
+
+        def logged() -> str:
+            return (tmp_path / "moved" / "engine.log").read_text()
+
+        until(lambda: "did not start" in logged() and logged().count("engine serving") == 1
+              and os.path.exists(path), within=20)
+        assert engine.proc.poll() is None
+        assert serves_tcp(port)
+        spawn_via(path, docker_args(later, backend.port))  # registrations come again
+        assert serves_tcp(later)
+        waiter.stop(signal.SIGINT)
+        assert waiter.proc.returncode == 0 and refused(port)
+    finally:
+        engine.stop(signal.SIGTERM)
+        backend.close()
+    assert engine.proc.returncode == 0

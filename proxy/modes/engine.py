@@ -295,7 +295,11 @@ class Engine:
             try:
                 listener = self._open()  # serve on, as if nothing had been asked
             except StartupError as exc:
-                log.error("reload failed, and cannot serve again: %s", exc)
+                # Its mappings still serve; only new registrations cannot come.
+                log.error("reload failed, and the engine socket cannot be opened again: %s; "
+                          "serving the %d mapping(s) it has until stopped", exc,
+                          len(self.publications))
+                await stop
                 break
         for publication in list(self.publications):
             await publication.close()
