@@ -25,6 +25,7 @@ from tests.helpers import (
     output,
     reattaching,
     refused,
+    spawn,
     spawn_via,
 )
 
@@ -413,3 +414,13 @@ def test_a_reload_whose_new_engine_fails_keeps_the_old_one_serving(tmp_path, pro
         engine.stop(signal.SIGTERM)
         backend.close()
     assert engine.proc.returncode == 0
+
+
+@pytest.mark.parametrize("flag", ["-engine-reattach=99", "-engine-reattach=x", "-engine-reattach=0"])
+def test_reattach_flag_with_no_held_sockets_is_a_usage_error(flag, tmp_path):
+    proc = spawn([flag, *docker_args(free_port(), 9)], {},
+                 env={"PYPROXY_ENGINE_SOCKET": str(tmp_path / "engine.sock")})
+    assert proc.wait(timeout=20) == 2
+    err = output(proc)[1]
+    assert f"pyproxy: {flag}: not a list of held socket fds".encode() in err
+    assert b"Traceback" not in err
