@@ -8,8 +8,14 @@ passed, with -use-listen-fd), then replaces itself with a tiny shell waiter hold
 engine connection: ~120 KiB instead of a Python interpreter. The waiter sets its signal trap
 and only then writes "0\\n" on fd 3, so what dockerd reads is true of the process it will
 signal. On SIGINT/SIGTERM the waiter asks the engine to release the port and exits 0 once it
-has; if the waiter dies any other way, or the engine does, the connection ends and the port
-is released.
+has; if the waiter dies any other way the connection ends and the engine releases the port.
+
+The engine's "0" carries the mapping's listening sockets, and the waiter holds them: they
+outlive the engine. If the engine goes away (killed, crashed, restarted), the waiter's read
+ends and it execs pyproxy again in the same process (dockerd's child keeps its PID), with
+REATTACH_FLAG, the fds it holds and the original argv: reattach() waits for an engine on the
+same path, registers again with the sockets attached (the new engine adopts them: clients
+queued meanwhile are served) and becomes the waiter again.
 
 What fd 3 and fd 4 are is read at the very first line, before this process opens anything:
 the engine connection must never be taken for the status pipe or for dockerd's socket.
@@ -27,10 +33,20 @@ import _socket
 import os
 import stat
 import sys
+import time
 from collections.abc import Sequence
 
 from proxy.ground.statuspipe import StatusPipe  # os and stat only
-from proxy.ground.wire import WireError, decode_reply, encode_argv, frame, unframe
+from proxy.ground.wire import (
+    MAX_HELD,
+    WireError,
+    decode_reply,
+    encode_request,
+    engine_socket_path,
+    frame,
+    pyproxy_command,
+    unframe,
+)
 
 # The waiter's shell, found at run time: the smallest POSIX shell there is (dash on Debian
 # and Ubuntu, busybox on Alpine, bash as /bin/sh on Fedora, RHEL and Arch).
@@ -43,7 +59,21 @@ WAIT_SHELLS = ("/bin/dash", "/usr/bin/dash", "/bin/busybox", "/usr/bin/busybox",
 # EOF means the engine is gone.
 WAITER_TRAP = "trap 'echo stop; read -r ack; exit 0' INT TERM; "
 WAITER_READY = "printf '0\\n' >&3; exec 3>&-; "
-WAITER_LOOP = "while read -r line; do :; done; exit 1"
+WAITER_LOOP = "while read -r line; do :; done; "
+# After EOF: with sockets held, exec pyproxy to re-attach (fds 0 and 1, the dead connection,
+# become /dev/null); with none, there is nothing to keep, so exit.
+WAITER_GIVE_UP = "exit 1"
+# argv[1] of the re-attaching pyproxy: "-engine-reattach=FD,FD,..." then the original argv.
+# Internal: only a waiter passes it, and an engine trusts a re-attach no more than a registration.
+REATTACH_FLAG = "-engine-reattach"
+# Waiting for an engine to re-attach to: a connect (or an answer) that takes longer is retried;
+# between tries a sleep from RETRY_FIRST doubling up to RETRY_MAX, so a port is back within
+# ~RETRY_MAX of an engine starting, and a waiter with no engine costs a few wake-ups a second.
+CONNECT_TIMEOUT = 2.0
+ANSWER_TIMEOUT = 15.0  # the engine answers within its own 10 s
+RETRY_FIRST = 0.01
+RETRY_MAX = 0.2
+_FD_SPACE = _socket.CMSG_SPACE(4 * MAX_HELD)
 _LISTEN_FD_FLAGS = {"-use-listen-fd", "--use-listen-fd"}
 _UCRED_SIZE = 12  # struct ucred: pid, uid, gid
 
@@ -51,12 +81,14 @@ class EngineRefused(Exception):
     """The socket at the engine path is not an engine we may trust; the text says why."""
 
 
-def connect_engine(path: str) -> _socket.socket | None:
-    """A connection to the engine at `path`, None if none answers there (serve here then).
-    Raises EngineRefused if what answers is not trusted: nothing has been sent to it."""
+def connect_engine(path: str, timeout: float | None = None) -> _socket.socket | None:
+    """A connection to the engine at `path`, None if none answers there (serve here then), or
+    none within `timeout` seconds. Raises EngineRefused if what answers is not trusted:
+    nothing has been sent to it."""
     if not path:
         return None
     sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+    sock.settimeout(timeout)
     try:
         sock.connect(path)
     except OSError:  # no engine (or a stale socket file): serve the mapping here
@@ -112,22 +144,54 @@ def wait_shell() -> str | None:
     return None
 
 
-def waiter_argv(shell: str, lines: str, answers_fd3: bool) -> list[str]:
-    """argv[0] shows the mapping in `ps`; busybox picks its applet by argv[0], so it gets "sh"."""
+def _quote(word: str) -> str:
+    """`word` as one POSIX shell word (shlex.quote would import re before "0\\n")."""
+    return "'" + word.replace("'", "'\\''") + "'"
+
+
+def resume_command(held: Sequence[int], argv: Sequence[str]) -> str:
+    """The shell command that re-attaches: this copy of pyproxy with the held fds and the
+    original argv, each word quoted."""
+    words = pyproxy_command([f"{REATTACH_FLAG}={','.join(map(str, held))}", *argv])
+    return "exec " + " ".join(map(_quote, words)) + " </dev/null >/dev/null"
+
+
+def waiter_argv(shell: str, lines: str, answers_fd3: bool, resume: str = "") -> list[str]:
+    """argv[0] shows the mapping in `ps`; busybox picks its applet by argv[0], so it gets "sh".
+    `resume`: what to run once the engine connection ends (resume_command), if anything."""
     name = "pyproxy-wait " + ", ".join(lines.splitlines()) if lines else "pyproxy-wait"
     if os.path.basename(os.path.realpath(shell)) == "busybox":
         name = "sh"
-    return [name, "-c", WAITER_TRAP + (WAITER_READY if answers_fd3 else "") + WAITER_LOOP]
+    return [name, "-c", WAITER_TRAP + (WAITER_READY if answers_fd3 else "") + WAITER_LOOP
+            + (resume or WAITER_GIVE_UP)]
 
 
-def _read_reply(sock: _socket.socket) -> tuple[int, str]:
-    buffer = b""
+def _exchange(engine: _socket.socket, argv: Sequence[str], fds: Sequence[int],
+              reattach: bool) -> tuple[int, str, list[int]]:
+    """Send the request with `fds` attached; the reply and the fds that came with it.
+    OSError (ConnectionError if the engine closed the connection first) or WireError."""
+    ancillary = [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS,
+                  b"".join(fd.to_bytes(4, sys.byteorder) for fd in fds))] if fds else []
+    engine.sendmsg([frame(encode_request(argv, reattach))], ancillary)
+    buffer, received = b"", []
     while (payload := unframe(buffer)) is None:
-        chunk = sock.recv(65536)
+        chunk, messages, _, _ = engine.recvmsg(65536, _FD_SPACE)
+        for level, kind, data in messages:
+            if level == _socket.SOL_SOCKET and kind == _socket.SCM_RIGHTS:
+                received += [int.from_bytes(data[i:i + 4], sys.byteorder)
+                             for i in range(0, len(data) - len(data) % 4, 4)]
         if not chunk:
-            return 1, "pyproxy engine closed the connection"
+            for fd in received:
+                os.close(fd)
+            raise ConnectionError("pyproxy engine closed the connection")
         buffer += chunk
-    return decode_reply(payload)
+    try:
+        code, body = decode_reply(payload)
+    except WireError:
+        for fd in received:
+            os.close(fd)
+        raise
+    return code, body, received
 
 
 def _stop_now(signum: int, frame: object) -> None:
@@ -159,26 +223,97 @@ def hand_over(engine: _socket.socket, argv: Sequence[str], status: StatusPipe,
     # Any spelling of the flag (even =false: the engine then closes its copy unused).
     wanted = _LISTEN_FD_FLAGS.intersection(arg.partition("=")[0] for arg in argv)
     fds = [listen_fd] if (listen_fd is not None and wanted) else []
-    ancillary = [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS,
-                  b"".join(fd.to_bytes(4, sys.byteorder) for fd in fds))] if fds else []
     try:
-        engine.sendmsg([frame(encode_argv(argv))], ancillary)
-        code, body = _read_reply(engine)
+        code, body, held = _exchange(engine, argv, fds, reattach=False)
     except (OSError, WireError) as exc:
-        code, body = 1, f"pyproxy engine: {exc}"
+        code, body, held = 1, (str(exc) if isinstance(exc, ConnectionError)
+                               else f"pyproxy engine: {exc}"), []
     if code != 0:
+        for fd in held:
+            os.close(fd)
         status.fail(body)
         return code
     if body:
         sys.stdout.write(body + "\n")
         sys.stdout.flush()
     if listen_fd is not None:
-        os.set_inheritable(listen_fd, False)  # the engine has it now; the waiter needs none
+        os.set_inheritable(listen_fd, False)  # the engine sent back its copy, in `held`
+    error = _become_waiter(shell, engine, body, status.inherit_on_exec(), held, argv)
+    status.fail(error)  # the engine sees the connection close when we exit
+    return 1
+
+
+def _become_waiter(shell: str, engine: _socket.socket, lines: str, answers_fd3: bool,
+                   held: Sequence[int], argv: Sequence[str]) -> str:
+    """Exec the waiter: the engine connection on fds 0 and 1, the held sockets where they
+    are. Returns only if the exec failed: why."""
+    for fd in held:
+        os.set_inheritable(fd, True)
     os.dup2(engine.fileno(), 0)
     os.dup2(engine.fileno(), 1)
-    waiter = waiter_argv(shell, body, status.inherit_on_exec())
+    resume = resume_command(held, argv) if held else ""
     try:
-        os.execv(shell, waiter)
-    except OSError as exc:  # the engine sees the connection close when we exit
-        status.fail(f"pyproxy engine: cannot run the waiter {shell}: {exc.strerror}")
-    return 1
+        os.execv(shell, waiter_argv(shell, lines, answers_fd3, resume))
+    except OSError as exc:
+        return f"pyproxy engine: cannot run the waiter {shell}: {exc.strerror}"
+    return "unreachable"  # execv returns only by raising
+
+
+def _engine_for_reattach(path: str) -> _socket.socket | None:
+    """A connection to whichever engine serves `path` now, None if none does yet: the one
+    place a re-attaching waiter looks for (or could start) an engine."""
+    return connect_engine(path, CONNECT_TIMEOUT)
+
+
+def _held_fds(flag: str) -> list[int] | None:
+    """The fds of "-engine-reattach=FD,...", if every one is a socket we hold; else None."""
+    numbers = flag.partition("=")[2].split(",")
+    if not all(n.isdigit() and n.isascii() and len(n) < 8 for n in numbers):
+        return None
+    held = [int(n) for n in numbers]
+    if any(inherited_socket(fd) is None for fd in held) or len(set(held)) != len(held):
+        return None
+    return held
+
+
+def reattach(args: Sequence[str]) -> int:
+    """A waiter whose engine went away: wait for an engine on the same path, register again
+    with the sockets held, become the waiter again (never returns on success). Nothing is
+    written on fd 3: dockerd had its "0\\n" long ago. A stop signal exits 0 (catch_stop_signals),
+    closing the held sockets, which frees the port."""
+    held = _held_fds(args[0])
+    if held is None:
+        sys.stderr.write(f"pyproxy: {args[0]}: not a list of held socket fds\n")
+        return 2
+    argv, path, shell = args[1:], engine_socket_path(), wait_shell()
+    if shell is None or not path:
+        sys.stderr.write("pyproxy: re-attach: no engine socket or no shell to wait in\n")
+        return 1
+    delay, said = RETRY_FIRST, ""
+    while True:
+        try:
+            engine = _engine_for_reattach(path)
+        except EngineRefused as exc:
+            engine, why = None, str(exc)
+            if why != said:  # once, not at every try
+                sys.stderr.write(f"pyproxy: re-attach: {why}\n")
+                said = why
+        if engine is not None:
+            try:
+                engine.settimeout(ANSWER_TIMEOUT)
+                code, body, extra = _exchange(engine, argv, held, reattach=True)
+            except (OSError, WireError):
+                code, body, extra = -1, "", []  # that engine went away too: wait for the next
+            for fd in extra:
+                os.close(fd)  # a re-attach is answered with none; never keep what we didn't ask for
+            if code == 0:
+                engine.settimeout(None)
+                error = _become_waiter(shell, engine, body, False, held, argv)
+                sys.stderr.write(f"pyproxy: {error}\n")
+                return 1
+            engine.close()
+            if code > 0:  # refused: that engine will not serve this mapping
+                sys.stderr.write(f"pyproxy: re-attach refused: {body}\n")
+                return 1
+        time.sleep(delay)
+        delay = min(delay * 2, RETRY_MAX)

@@ -17,11 +17,13 @@ from typing import TYPE_CHECKING, Any
 from proxy.ground.statuspipe import LISTEN_FD, StatusPipe
 from proxy.ground.wire import engine_socket_path
 from proxy.handover import (
+    REATTACH_FLAG,
     EngineRefused,
     catch_stop_signals,
     connect_engine,
     hand_over,
     inherited_socket,
+    reattach,
 )
 
 if TYPE_CHECKING:
@@ -34,10 +36,14 @@ _LIST_FLAGS = {"-list", "--list"}  # `pyproxy -list`: a command of its own (prox
 
 def main(argv: Sequence[str] | None = None) -> int:
     catch_stop_signals()
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args and args[0].partition("=")[0] == REATTACH_FLAG:
+        # A waiter whose engine went away (proxy.handover): fd 3 is gone and its fds are
+        # the sockets it holds, none of them to be taken for the status pipe.
+        return reattach(args)
     # fd 3 and fd 4 as our parent left them, before anything here opens a descriptor.
     status = StatusPipe.from_environment()
     listen_fd = inherited_socket(LISTEN_FD)
-    args = list(sys.argv[1:] if argv is None else argv)
     if _LIST_FLAGS.intersection(arg.partition("=")[0] for arg in args):
         from proxy.listing import list_command
 

@@ -422,3 +422,19 @@ def value(samples: dict, name: str, **labels: str) -> float:
     """Sum of the samples named `name` whose labels include `labels`."""
     want = set(labels.items())
     return sum(v for (n, ls), v in samples.items() if n == name and want <= ls)
+
+
+def reattaching(pid: int) -> bool:
+    """A waiter whose engine died has exec'd pyproxy to re-attach, and its stop handlers are in
+    place (SIGTERM: Python catches SIGINT from its start, pyproxy both at its first line)."""
+    from proxy.handover import REATTACH_FLAG
+
+    try:
+        with open(f"/proc/{pid}/cmdline") as f:
+            if REATTACH_FLAG not in f.read():
+                return False
+        with open(f"/proc/{pid}/status") as f:
+            caught = next(line for line in f if line.startswith("SigCgt:"))
+    except (OSError, StopIteration):
+        return False
+    return bool(int(caught.split()[1], 16) & (1 << (signal.SIGTERM - 1)))

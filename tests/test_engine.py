@@ -20,6 +20,7 @@ from tests.helpers import (
     exchange,
     free_port,
     output,
+    reattaching,
     refused,
     spawn_via,
 )
@@ -111,16 +112,25 @@ def test_no_engine_means_serving_standalone(tmp_path):
         backend.close()
 
 
-def test_engine_death_ends_the_spawned_processes_and_frees_the_ports(engine):
+def test_engine_death_keeps_the_spawned_processes_and_their_ports(engine):
+    """The waiters hold the listening sockets and wait for the next engine (tests/test_survive.py);
+    a stop signal still frees each port."""
     path, eng = engine
     backend = EchoBackend()
     ports = [free_port() for _ in range(5)]
     spawned = [spawn_via(path, docker_args(port, backend.port)) for port in ports]
     eng.proc.kill()
     eng.proc.wait()
-    for p in spawned:
-        assert p.proc.wait(timeout=5) != 0  # they notice, and leave
-    assert all(refused(port) for port in ports)
+    deadline = time.monotonic() + 10
+    while not all(reattaching(p.proc.pid) for p in spawned):
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    assert all(p.proc.poll() is None for p in spawned)  # dockerd's children stay
+    assert not any(refused(port) for port in ports)  # clients queue in the kernel
+    for p, port in zip(spawned, ports, strict=True):
+        p.proc.send_signal(signal.SIGTERM)
+        assert p.proc.wait(timeout=5) == 0
+        assert refused(port)
     backend.close()
 
 

@@ -25,7 +25,7 @@ from proxy import __version__
 from proxy.ground.budget import process_budget
 from proxy.ground.config import CAPABILITIES, Mapping, format_hostport
 from proxy.ground.sockets import StartupError, go_strerror
-from proxy.ground.stats import DIAL_BUCKETS, MappingStats
+from proxy.ground.stats import DIAL_BUCKETS, EngineStats, MappingStats
 
 LABELS = ["proto", "host_ip", "host_port", "container_ip", "container_port"]
 
@@ -38,8 +38,10 @@ def _label_values(mapping: Mapping) -> list[str]:
 class StatsCollector(Collector):
     """Turns every mapping's MappingStats into metric families, when scraped."""
 
-    def __init__(self, stats: MappingType[Mapping, MappingStats]) -> None:
+    def __init__(self, stats: MappingType[Mapping, MappingStats],
+                 engine: EngineStats | None = None) -> None:
         self._stats = stats
+        self._engine = engine  # the engine's own counters; None outside the engine
 
     def collect(self) -> Iterator[Metric]:
         def counter(name: str, doc: str, extra: list[str] | None = None) -> CounterMetricFamily:
@@ -112,24 +114,33 @@ class StatsCollector(Collector):
                 spliced.add_metric(lv, s.spliced)
         yield from (accepted, active, rejected, closed, dial_failed, dial, stream_bytes, spliced,
                     messages, flows_active, flows, datagrams, dropped, flow_budget)
+        if self._engine is not None:
+            yield CounterMetricFamily(
+                "pyproxy_engine_reattached_mappings",
+                "mappings registered again by their waiter, with the listening socket it held, "
+                "after the engine serving them went away (their open connections are not "
+                "counted: they were lost with that engine)",
+                value=self._engine.reattached_mappings)
 
 
-def make_registry(stats: MappingType[Mapping, MappingStats]) -> CollectorRegistry:
+def make_registry(stats: MappingType[Mapping, MappingStats],
+                  engine: EngineStats | None = None) -> CollectorRegistry:
     """A fresh registry with our collector, the process metrics (CPU, memory, fds), and
     pyproxy_build_info (so a dashboard can tell which version serves)."""
     registry = CollectorRegistry()
-    registry.register(StatsCollector(stats))
+    registry.register(StatsCollector(stats, engine))
     ProcessCollector(registry=registry)
     Info("pyproxy_build", "the pyproxy version serving, and its Python", registry=registry).info(
         {"version": __version__, "python": platform.python_version()})
     return registry
 
 
-def start_metrics(addr: tuple[str, int], stats: MappingType[Mapping, MappingStats]) -> Any:
+def start_metrics(addr: tuple[str, int], stats: MappingType[Mapping, MappingStats],
+                  engine: EngineStats | None = None) -> Any:
     """The /metrics endpoint over `stats` (read at scrape time), served by prometheus-client's
     HTTP server in its own thread; returns that server. StartupError if it can't listen."""
     try:
-        server, _ = start_http_server(addr[1], addr=addr[0], registry=make_registry(stats))
+        server, _ = start_http_server(addr[1], addr=addr[0], registry=make_registry(stats, engine))
     except OSError as exc:
         where = f"metrics: listen tcp {format_hostport(addr[0], addr[1])}"
         raise StartupError(f"{where}: bind: {go_strerror(exc)}") from None

@@ -15,6 +15,7 @@ import errno
 import os
 import socket
 import struct
+from ipaddress import ip_address
 from time import perf_counter
 from typing import TYPE_CHECKING
 
@@ -186,6 +187,56 @@ def adopt_listen_fd(mapping: Mapping, fd: int | None = LISTEN_FD) -> socket.sock
         set_stream_options(sock)
     sock.setblocking(False)
     return sock
+
+
+def adopt_held_socket(mapping: Mapping, fd: int) -> socket.socket:
+    """A listening socket a waiter held while no engine served it, handed back on re-attach.
+
+    Trusted no more than a registration: it must be exactly the socket this mapping would
+    have, family, type, protocol, bound address, a port the mapping allows, listening (TCP,
+    SCTP) or unconnected (UDP), the mapping's interface, or it is closed and refused."""
+    where = f"re-attach {_network(mapping)} {mapping.frontend()}"
+    try:
+        sock = socket.socket(fileno=fd)
+    except OSError as exc:
+        os.close(fd)
+        raise StartupError(f"{where}: {go_strerror(exc)}") from None
+    spec = _KINDS[mapping.proto]
+    try:
+        wrong = _held_mismatch(mapping, sock, spec)
+    except OSError as exc:
+        wrong = go_strerror(exc)
+    if wrong:
+        sock.close()
+        raise StartupError(f"{where}: refused the socket held for it: {wrong}")
+    os.set_inheritable(sock.fileno(), False)
+    sock.setblocking(False)
+    return sock
+
+
+def _held_mismatch(mapping: Mapping, sock: socket.socket, spec: _Kind) -> str | None:
+    """What makes `sock` not this mapping's frontend socket, None if nothing."""
+    if sock.family != mapping.family or sock.type != spec.type or sock.proto != spec.ip_proto:
+        return "not a socket of this protocol and address family"
+    host, port = sock.getsockname()[:2]
+    if str(ip_address(host.partition("%")[0])) != str(mapping.host_ip).partition("%")[0]:
+        return f"bound to {host}, not {mapping.host_ip}"
+    ports = mapping.host_ports  # port 0: the kernel picked one, any will do
+    if ports.start and not ports.start <= port <= ports.end:
+        return f"bound to port {port}, not {ports}"
+    if spec.type == socket.SOCK_STREAM:
+        if not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+            return "not listening"
+    else:
+        try:
+            sock.getpeername()
+            return "connected to a peer"
+        except OSError:
+            pass  # unconnected, as a frontend socket is
+    device = sock.getsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, 16).rstrip(b"\0")
+    if device != (mapping.interface or "").encode():
+        return f"bound to interface {device.decode(errors='replace')!r}"
+    return None
 
 
 # -- closing with a reset ----------------------------------------------------------------------

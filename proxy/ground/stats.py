@@ -51,3 +51,11 @@ class MappingStats:
         self.dial_seconds_sum += seconds
         # the first bucket whose bound is >= seconds; len(DIAL_BUCKETS) is +Inf
         self.dial_bucket_counts[bisect_left(DIAL_BUCKETS, seconds)] += 1
+
+
+@define(eq=False)
+class EngineStats:
+    """The engine's own counters, apart from any one mapping's."""
+
+    # mappings a waiter registered again after the engine before this one went away
+    reattached_mappings: int = 0

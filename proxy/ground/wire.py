@@ -4,7 +4,10 @@ and cheap to import.
 
 A frame is "<length>\\n<payload>": the length in ASCII decimal digits only (no sign, no
 underscore, no spaces), at most MAX_PAYLOAD. A request's payload is the argv, each argument
-followed by a NUL (no argument can hold one); a reply's is "<status>\\n<body>": status 0 with
+followed by a NUL (no argument can hold one), then the request's kind: nothing for a
+registration, REATTACH for a waiter registering again with the listening sockets it holds
+(whatever follows the last NUL is the kind, so every registration ever sent still parses as
+one, and any other tail is a WireError); a reply's is "<status>\\n<body>": status 0 with
 the `docker port` lines, 1 or 2 (usage) with the error text. Anything else is a WireError,
 the only exception these functions raise on any input: the engine answers it, never dies of it.
 
@@ -14,6 +17,7 @@ The spawned side imports this before "0\\n", so it may import only os, sys and C
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Sequence
 
 ENGINE_SOCKET_ENV = "PYPROXY_ENGINE_SOCKET"
@@ -22,6 +26,20 @@ MAX_PAYLOAD = 64 * 1024  # an argv is a few hundred bytes; a reply a few lines
 _MAX_DIGITS = len(str(MAX_PAYLOAD))
 _DIGITS = frozenset(b"0123456789")
 STATUSES = (0, 1, 2)
+REATTACH = b"reattach"  # the kind of a waiter's request after its engine went away
+MAX_HELD = 64  # listening sockets one request may carry (one per mapping of its argv)
+
+
+# The directory this copy of pyproxy is imported from (proxy/ground/wire.py -> its root).
+_PROGRAM_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def pyproxy_command(args: Sequence[str]) -> list[str]:
+    """The argv that runs this copy of pyproxy (this interpreter, whatever sys.path found it
+    by) with `args`: how a waiter re-attaches and an engine reloads itself."""
+    program = (f"import sys; sys.path[0] = {_PROGRAM_ROOT!r}; "
+               "from proxy.launch import main; sys.exit(main())")
+    return [sys.executable, "-c", program, *args]
 
 
 def engine_socket_path() -> str:
@@ -78,6 +96,20 @@ def decode_argv(payload: bytes) -> list[str]:
     if payload and not payload.endswith(b"\0"):
         raise WireError("the argument list does not end with a NUL")
     return [os.fsdecode(arg) for arg in payload.split(b"\0")[:-1]]
+
+
+def encode_request(argv: Sequence[str], reattach: bool = False) -> bytes:
+    """A registration (the argv), or with `reattach` a re-attach of the same argv."""
+    return encode_argv(argv) + (REATTACH if reattach else b"")
+
+
+def decode_request(payload: bytes) -> tuple[list[str], bool]:
+    """(argv, whether it is a re-attach)."""
+    cut = payload.rfind(b"\0") + 1
+    kind = payload[cut:]
+    if kind not in (b"", REATTACH):
+        raise WireError(f"request kind {kind[:16]!r} is not a registration or a re-attach")
+    return decode_argv(payload[:cut]), kind == REATTACH
 
 
 def encode_reply(status: int, body: str) -> bytes:

@@ -5,10 +5,18 @@ thousand interpreters. See proxy.handover for the spawned side of the handshake.
 Protocol, over a Unix stream socket (0600, owner only, in a directory only its owner or root
 can write), framed as in proxy.ground.wire: the spawned process sends its argv, with fd 4 attached
 (SCM_RIGHTS) when it has one; the engine answers 0 with the `docker port` lines, or 1 (or 2,
-usage) with the error. After a 0 the connection is the mapping's lifetime: "stop" (answered
-"ok" once the port is released) or EOF drops the mapping. `pyproxy -list` sends LIST_REQUEST
-instead of an argv and gets every mapping's row (proxy.ground.listing), under the same check
-of who is asking.
+usage) with the error. A 0 carries (SCM_RIGHTS) the mapping's listening sockets, which the
+waiter holds, so they outlive this process. After a 0 the connection is the mapping's
+lifetime: "stop" (answered "ok" once the port is released) or EOF drops the mapping.
+
+When an engine dies, each waiter re-execs pyproxy, which registers again with whichever engine
+serves the path next: a re-attach (proxy.ground.wire.REATTACH), the same argv with the sockets
+it holds attached. It is checked exactly as a registration is, and each socket must be the one
+its mapping would have (proxy.ground.sockets.adopt_held_socket), or all are closed and it is
+refused; the engine then adopts them instead of binding, so clients queued in the kernel
+meanwhile are served. `pyproxy -list` sends
+LIST_REQUEST instead of an argv and gets every mapping's row (proxy.ground.listing), under
+the same check of who is asking.
 
 Every request gets an answer and none can end the engine: a peer is the wrong user, slow,
 malformed or hostile at worst, and only its own connection pays for it.
@@ -20,9 +28,11 @@ import array
 import asyncio
 import logging
 import os
+import signal
 import socket
 import stat
 import struct
+import sys
 from typing import Any
 
 from proxy.ground import sdnotify
@@ -31,26 +41,30 @@ from proxy.ground.flags import UsageError, config_from_args, parse_args
 from proxy.ground.listing import rows_from_stats
 from proxy.ground.logs import mapping_fields
 from proxy.ground.sockets import StartupError, go_strerror
-from proxy.ground.stats import MappingStats
-from proxy.ground.statuspipe import StatusPipe
+from proxy.ground.stats import EngineStats, MappingStats
+from proxy.ground.statuspipe import STATUS_FD, StatusPipe
 from proxy.ground.wire import (
     LIST_REQUEST,
+    MAX_HELD,
     MAX_PAYLOAD,
     WireError,
-    decode_argv,
+    decode_request,
     encode_list_reply,
     encode_reply,
+    pyproxy_command,
     unframe,
 )
 from proxy.modes.publication import Publication
-from proxy.modes.signals import wait_for_stop_signal
+from proxy.modes.signals import stop_requested
 
 log = logging.getLogger("pyproxy")
 
 REQUEST_TIMEOUT = 5.0  # a spawned pyproxy sends its request at once; an idle peer is dropped
 ANSWER_TIMEOUT = 10.0  # dockerd gives up on "0\n" after 16 s: answer well before
+RELOAD_TIMEOUT = 20.0  # for the new engine's "0" on its status pipe
 _UCRED = struct.Struct("3i")  # pid, uid, gid
-_FD_SPACE = socket.CMSG_SPACE(4)  # room for one fd (two, aligned): the kernel closes any more
+# Room for a re-attach's sockets, one per mapping: the kernel closes any more that come.
+_FD_SPACE = socket.CMSG_SPACE(4 * MAX_HELD)
 _PROCESS_DEFAULTS = ProcessOptions()
 # The engine process's own options: a registration that asks for its own gets a usage error
 # saying why, rather than being served without it. (-engine-socket only says where the
@@ -71,7 +85,18 @@ _ENGINE_WIDE = {
 _STANDALONE_HINT = "; to serve it in its own process, run it with PYPROXY_ENGINE_SOCKET= (empty)"
 
 
-async def _readable(sock: socket.socket) -> None:
+async def _read_to_eof(fd: int) -> bytes:
+    """All a pipe gives until its writer closes it (a status pipe: "0\\n" or "1\\n<error>")."""
+    data = b""
+    while True:
+        await _readable(fd)
+        chunk = os.read(fd, 4096)
+        if not chunk:
+            return data
+        data += chunk
+
+
+async def _readable(fd: int) -> None:
     loop = asyncio.get_running_loop()
     ready: asyncio.Future[None] = loop.create_future()
 
@@ -79,39 +104,43 @@ async def _readable(sock: socket.socket) -> None:
         if not ready.done():
             ready.set_result(None)
 
-    loop.add_reader(sock.fileno(), wake)
+    loop.add_reader(fd, wake)
     try:
         await ready
     finally:
-        loop.remove_reader(sock.fileno())
+        loop.remove_reader(fd)
 
 
 async def receive_request(conn: socket.socket, fds: list[int]) -> bytes:
-    """One framed request; the first fd that came with it is appended to `fds` (the caller
-    closes it), any other is closed at once. Raises WireError if it is not a request."""
+    """One framed request; the fds that came with its first message are appended to `fds`
+    (the caller closes them), any that come later are closed at once. Raises WireError if it
+    is not a request."""
     data = b""
     while (payload := unframe(data)) is None:
-        await _readable(conn)
+        await _readable(conn.fileno())
         try:
             chunk, ancillary, _, _ = conn.recvmsg(MAX_PAYLOAD + 16, _FD_SPACE)
         except BlockingIOError:
             continue
         for level, kind, fd_bytes in ancillary:
             if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                for fd in array.array("i", fd_bytes[: len(fd_bytes) - len(fd_bytes) % 4]):
-                    if fds:
-                        os.close(fd)  # one listening socket per request, no more
-                    else:
-                        fds.append(fd)
+                received = array.array("i", fd_bytes[: len(fd_bytes) - len(fd_bytes) % 4])
+                if data or fds:  # sockets come with the request's first bytes, or not at all
+                    for fd in received:
+                        os.close(fd)
+                else:
+                    fds.extend(received)
         if not chunk:
             raise WireError("the connection ended before a whole request came")
         data += chunk  # bounded: unframe raises once a frame cannot fit MAX_PAYLOAD
     return payload
 
 
-def _config_for(request: bytes) -> Config:
-    """The Config a registration asks for; UsageError (or WireError) if the engine can't serve it."""
-    args = parse_args(decode_argv(request))
+def _config_for(request: bytes) -> tuple[Config, bool]:
+    """The Config a registration (or re-attach: True) asks for; UsageError (or WireError) if
+    the engine can't serve it."""
+    argv, reattach = decode_request(request)
+    args = parse_args(argv)
     if args.help or args.version:
         raise UsageError("argument -h/-v: help and the version are printed by pyproxy itself, "
                          "not through the engine")
@@ -120,7 +149,7 @@ def _config_for(request: bytes) -> Config:
         if getattr(config, name) != getattr(_PROCESS_DEFAULTS, name):
             raise UsageError(f"argument -{name.replace('_', '-')}: not through the engine "
                              f"({why}){_STANDALONE_HINT}")
-    return config
+    return config, reattach
 
 
 def _unsafe_directory(directory: str) -> str | None:
@@ -155,6 +184,7 @@ class Engine:
         self.config = config
         self.path = config.engine_socket
         self.stats: dict[Mapping, MappingStats] = {}  # every registration's, for /metrics
+        self.engine_stats = EngineStats()
         self.publications: set[Publication] = set()
         self._metrics: Any = None
         self._tasks: set[asyncio.Task[None]] = set()
@@ -222,37 +252,125 @@ class Engine:
         except OSError:
             pass  # already gone (deleted by hand): nothing of ours to remove
 
+    def _open(self) -> socket.socket:
+        """The engine socket, and /metrics if asked for; StartupError if either fails."""
+        listener = self._listen()
+        if self.config.metrics_addr:
+            from proxy.ground.metrics import start_metrics  # only paid for when asked
+
+            try:
+                self._metrics = start_metrics(self.config.metrics_addr, self.stats,
+                                              self.engine_stats)
+            except StartupError:
+                listener.close()
+                self._unlink_own_socket()
+                raise
+        return listener
+
     async def serve(self, status: StatusPipe) -> int:
         try:
-            listener = self._listen()
-            if self.config.metrics_addr:
-                from proxy.ground.metrics import start_metrics  # only paid for when asked
-
-                self._metrics = start_metrics(self.config.metrics_addr, self.stats)
+            listener = self._open()
         except StartupError as exc:
             log.error("cannot start: %s", exc)
             status.fail(str(exc))
             return 1
         status.ready()
-        # READY=1 lets systemd start dockerd, and stop us: sent (call_soon) only once
-        # wait_for_stop_signal below has its handlers, or an early SIGTERM would kill us (-15).
-        asyncio.get_running_loop().call_soon(sdnotify.ready, f"serving {self.path}")
-        print(f"pyproxy engine serving {self.path}", flush=True)
-        log.info("engine serving %s", self.path, extra={"socket": self.path})
-        accepting = asyncio.get_running_loop().create_task(self._accept(listener))
-        await wait_for_stop_signal()
-        sdnotify.stopping()
-        accepting.cancel()
-        listener.close()
-        self._unlink_own_socket()
-        if self._metrics is not None:
-            from proxy.ground.metrics import stop_metrics
-
-            stop_metrics(self._metrics)
+        print(f"pyproxy engine serving {self.path} (pid {os.getpid()})", flush=True)
+        log.info("engine serving %s (pid %d)", self.path, os.getpid(), extra={"socket": self.path})
+        loop = asyncio.get_running_loop()
+        # READY=1 lets systemd start dockerd, and stop us: sent once the loop runs, with the
+        # stop handlers (stop_requested, installed first thing in launch) in place.
+        loop.call_soon(sdnotify.ready, f"serving {self.path}")
+        stop = stop_requested()
+        reload_wanted = asyncio.Event()
+        loop.add_signal_handler(signal.SIGUSR2, reload_wanted.set)
+        while True:
+            accepting = loop.create_task(self._accept(listener))
+            reload_asked = loop.create_task(reload_wanted.wait())
+            either: set[asyncio.Future[Any]] = {stop, reload_asked}
+            await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
+            reload_asked.cancel()
+            accepting.cancel()
+            listener.close()
+            self._unlink_own_socket()
+            if stop.done():
+                sdnotify.stopping()
+                await self._close_metrics(wait=False)
+                break
+            reload_wanted.clear()
+            await self._close_metrics(wait=True)  # the new engine binds the same address
+            if await self._reload():
+                # The waiters re-attach to the new engine; what is open here may finish.
+                await asyncio.gather(*(publication.close(self.config.drain_timeout)
+                                       for publication in list(self.publications)))
+                log.info("engine reloaded; this one (pid %d) is done", os.getpid())
+                return 0
+            try:
+                listener = self._open()  # serve on, as if nothing had been asked
+            except StartupError as exc:
+                # Its mappings still serve; only new registrations cannot come.
+                log.error("reload failed, and the engine socket cannot be opened again: %s; "
+                          "serving the %d mapping(s) it has until stopped", exc,
+                          len(self.publications))
+                await stop
+                break
         for publication in list(self.publications):
             await publication.close()
         log.info("engine stopped; released %d mapping(s)", len(self.publications))
         return 0
+
+    async def _close_metrics(self, wait: bool) -> None:
+        """Stop /metrics; with `wait`, only once its port is free again."""
+        server, self._metrics = self._metrics, None
+        if server is None:
+            return
+        if wait:
+            await asyncio.get_running_loop().run_in_executor(
+                None, lambda: (server.shutdown(), server.server_close()))
+        else:
+            from proxy.ground.metrics import stop_metrics
+
+            stop_metrics(server)
+
+    async def _reload(self) -> bool:
+        """Start the installed pyproxy with this engine's command line on the same path (ours
+        is gone by now), wait for its "0" on a status pipe; if it came, stop accepting and end
+        every waiter's connection, so each re-attaches its held sockets to the new engine
+        (clients queue in the kernel meanwhile): True. False if it did not start."""
+        loop = asyncio.get_running_loop()
+        command = pyproxy_command(sys.argv[1:])
+        read_end, write_end = os.pipe()
+        if write_end == STATUS_FD:  # dup2 onto itself would keep close-on-exec
+            write_end = os.dup(STATUS_FD)
+            os.close(STATUS_FD)
+        try:
+            pid = os.posix_spawn(command[0], command, os.environ,
+                                 file_actions=[(os.POSIX_SPAWN_DUP2, write_end, STATUS_FD)])
+        except OSError as exc:
+            log.error("reload: cannot start %s: %s", command[0], go_strerror(exc))
+            os.close(read_end)
+            return False
+        finally:
+            os.close(write_end)
+        try:
+            answer = await asyncio.wait_for(_read_to_eof(read_end), RELOAD_TIMEOUT)
+        except TimeoutError:
+            answer = b"1\nno answer within %gs" % RELOAD_TIMEOUT
+            os.kill(pid, signal.SIGKILL)
+        finally:
+            os.close(read_end)
+        if answer != b"0\n":
+            log.error("reload: the new engine (pid %d) did not start: %s", pid,
+                      answer[2:].decode(errors="replace") or "it exited")
+            await loop.run_in_executor(None, os.waitpid, pid, 0)  # no zombie left behind
+            return False
+        log.info("reload: engine pid %d serves %s; handing %d mapping(s) over to it", pid,
+                 self.path, len(self.publications))
+        for publication in self.publications:
+            publication.stop_accepting()  # our copies of the sockets: the waiters hold theirs
+        for task in list(self._tasks):
+            task.cancel()  # closes each waiter's connection: it re-attaches
+        return True
 
     async def _accept(self, listener: socket.socket) -> None:
         loop = asyncio.get_running_loop()
@@ -297,7 +415,7 @@ class Engine:
                     await self._reply_raw(conn, encode_list_reply(
                         [row.to_json() for row in rows_from_stats(self.stats)]))
                     return
-                config = _config_for(request)
+                config, reattach = _config_for(request)
             except TimeoutError:
                 log.warning("engine: pid %d sent no request within %gs; closed", pid,
                             REQUEST_TIMEOUT, extra={**peer, "reason": "no request"})
@@ -313,10 +431,20 @@ class Engine:
                           extra={**peer, "reason": str(exc)})
                 await self._reply(conn, 2, str(exc))
                 return
-            log.debug("engine: pid %d registers %s", pid, ", ".join(map(str, config.mappings)),
-                      extra=peer)
+            log.debug("engine: pid %d %s %s", pid, "re-attaches" if reattach else "registers",
+                      ", ".join(map(str, config.mappings)), extra=peer)
+            if reattach and len(fds) != len(config.mappings):
+                log.warning("engine: refused a re-attach from pid %d: %d socket(s) for %d "
+                            "mapping(s)", pid, len(fds), len(config.mappings),
+                            extra={**peer, "reason": "socket count"})
+                await self._reply(conn, 1, f"engine: re-attach: {len(fds)} socket(s) held for "
+                                  f"{len(config.mappings)} mapping(s)")
+                return
+            while not reattach and len(fds) > 1:
+                os.close(fds.pop())  # one listening socket per registration, no more
             try:
-                publication = await asyncio.wait_for(self._start(config, fds), ANSWER_TIMEOUT)
+                publication = await asyncio.wait_for(self._start(config, fds, reattach),
+                                                     ANSWER_TIMEOUT)
             except TimeoutError:
                 log.warning("engine: pid %d: could not start %s within %gs", pid,
                             ", ".join(map(str, config.mappings)), ANSWER_TIMEOUT,
@@ -325,17 +453,33 @@ class Engine:
                                   f"{ANSWER_TIMEOUT:g}s")
                 return
             except StartupError as exc:
-                log.debug("engine: pid %d: cannot start: %s", pid, exc,
-                          extra={**peer, "reason": str(exc)})
+                if reattach:
+                    log.warning("engine: refused a re-attach from pid %d: %s", pid, exc,
+                                extra={**peer, "reason": str(exc)})
+                else:
+                    log.debug("engine: pid %d: cannot start: %s", pid, exc,
+                              extra={**peer, "reason": str(exc)})
                 await self._reply(conn, 1, str(exc))
                 return
             finally:
                 for fd in fds:  # passed but not adopted: close it now, not at the mapping's end
                     os.close(fd)
                 fds.clear()
-            for mapping in publication.published():
-                log.info("serving %s", mapping, extra={**peer, **mapping_fields(mapping)})
-            await self._reply(conn, 0, "\n".join(publication.lines()))
+            lines = publication.lines()
+            if reattach:
+                # What the dead engine had open on these mappings is lost, and no one left
+                # knows how much: only the mappings themselves are counted.
+                self.engine_stats.reattached_mappings += len(lines)
+                for mapping in publication.published():
+                    log.info("re-attached %s (pid %d)", mapping, pid,
+                             extra={**peer, **mapping_fields(mapping)})
+                await self._reply(conn, 0, "\n".join(lines))
+            else:
+                for mapping in publication.published():
+                    log.info("serving %s", mapping, extra={**peer, **mapping_fields(mapping)})
+                # The waiter holds a copy of each listening socket, so they outlive us.
+                await self._reply(conn, 0, "\n".join(lines),
+                                  [sock.fileno() for sock in publication.sockets])
             stop = await self._held_until_stop(conn)
             await self._release(publication)
             publication = None
@@ -354,8 +498,15 @@ class Engine:
                 os.close(fd)
             conn.close()
 
-    async def _start(self, config: Config, fds: list[int]) -> Publication:
-        """Open the mapping (adopting the passed socket if -use-listen-fd); StartupError if not."""
+    async def _start(self, config: Config, fds: list[int], reattach: bool) -> Publication:
+        """Open the mapping (adopting the passed socket if -use-listen-fd, the held ones on a
+        re-attach); StartupError if not."""
+        if reattach:
+            publication = Publication(config, None, held=fds)  # takes each fd it wraps
+            await publication.open()
+            self.publications.add(publication)
+            self.stats.update(publication.stats)
+            return publication
         listen_fd = fds.pop(0) if (config.use_listen_fd and fds) else None
         publication = Publication(config, listen_fd)
         try:
@@ -389,11 +540,23 @@ class Engine:
             if b"stop" in data:
                 return True
 
-    async def _reply(self, conn: socket.socket, status: int, body: str) -> None:
+    async def _reply(self, conn: socket.socket, status: int, body: str,
+                     fds: list[int] | None = None) -> None:
         try:
             reply = encode_reply(status, body)
         except WireError:  # a reply over the frame limit (thousands of mappings)
-            reply = encode_reply(1, "engine: the reply does not fit the protocol's frame")
+            reply, fds = encode_reply(1, "engine: the reply does not fit the protocol's frame"), None
+        if fds:
+            # The first bytes carry the fds; the reply is this connection's first send, so
+            # its buffer is empty and it goes at once (the rest, if any, as any reply).
+            try:
+                sent = conn.sendmsg([reply], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                                               array.array("i", fds).tobytes())])
+            except BlockingIOError:
+                sent = 0  # cannot happen on an empty buffer; the waiter then holds nothing
+            except OSError:
+                return  # the spawned process is gone
+            reply = reply[sent:]
         await self._reply_raw(conn, reply)
 
     async def _reply_raw(self, conn: socket.socket, data: bytes) -> None:

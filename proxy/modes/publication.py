@@ -11,7 +11,7 @@ import socket
 
 from proxy.ground import transparent
 from proxy.ground.config import Config, Mapping
-from proxy.ground.sockets import StartupError, adopt_listen_fd, bind_listener
+from proxy.ground.sockets import StartupError, adopt_held_socket, adopt_listen_fd, bind_listener
 from proxy.ground.stats import MappingStats
 from proxy.relays import Relay, make_relay
 
@@ -20,14 +20,19 @@ log = logging.getLogger("pyproxy")
 
 class Publication:
     """The relays of one command line. `listen_fd` is where -use-listen-fd finds its socket
-    (4 in a spawned process, another fd in the engine, None if none was passed)."""
+    (4 in a spawned process, another fd in the engine, None if none was passed). `held`: on a
+    re-attach, the listening sockets its waiter held, one per mapping in order; each is taken
+    off the list once it is a socket object (which closes it from then on)."""
 
-    def __init__(self, config: Config, listen_fd: int | None) -> None:
+    def __init__(self, config: Config, listen_fd: int | None,
+                 held: list[int] | None = None) -> None:
         self.mappings = config.mappings
         self.options = config.relay_options()
         self.use_listen_fd = config.use_listen_fd
         self.listen_fd = listen_fd
+        self.held = held
         self.relays: list[Relay] = []
+        self.sockets: list[socket.socket] = []  # each relay's frontend, for the engine to hand out
         self.stats: dict[Mapping, MappingStats] = {}
 
     async def open(self) -> None:
@@ -43,7 +48,12 @@ class Publication:
         if self.options.transparent:
             transparent.check_allowed(mapping.container_ip)
         adopted = self.use_listen_fd
-        if adopted:
+        if self.held is not None:
+            if not self.held:
+                raise StartupError(f"re-attach {mapping.frontend()}: no socket held for it")
+            sock = adopt_held_socket(mapping, self.held.pop(0))
+            port = sock.getsockname()[1]
+        elif adopted:
             sock, port = adopt_listen_fd(mapping, self.listen_fd), mapping.host_port
         else:
             sock, port = bind_first_free(mapping)
@@ -52,6 +62,7 @@ class Publication:
         relay = make_relay(published, port, self.options, stats)
         await relay.start(sock, adopted=adopted)
         self.relays.append(relay)
+        self.sockets.append(sock)
 
     def published(self) -> list[Mapping]:
         """Each mapping as it is served: the port it got, the interface it was bound by."""
