@@ -27,6 +27,7 @@ import _socket
 import os
 import stat
 import sys
+import time  # built in, like the C modules
 from collections.abc import Sequence
 
 from proxy.ground.statuspipe import StatusPipe  # os and stat only
@@ -46,6 +47,22 @@ WAITER_READY = "printf '0\\n' >&3; exec 3>&-; "
 WAITER_LOOP = "while read -r line; do :; done; exit 1"
 _LISTEN_FD_FLAGS = {"-use-listen-fd", "--use-listen-fd"}
 _UCRED_SIZE = 12  # struct ucred: pid, uid, gid
+
+# Starting the engine when none answers (engine_connection). The lock beside the socket makes
+# it one engine however many pyproxies dockerd spawns at once; the auto-started engine exits
+# once it has served nothing for PYPROXY_ENGINE_IDLE_EXIT and logs to PYPROXY_ENGINE_LOG_FILE
+# (default: syslog when /dev/log exists, else ENGINE_LOG_FILE).
+ENGINE_START_TIMEOUT = 8.0  # from fork to listening; dockerd waits 16 s for our "0\n" in all
+ENGINE_LOCK_TIMEOUT = ENGINE_START_TIMEOUT + 2.0  # waiting behind the spawn that starts it
+ENGINE_FAILURE_MEMORY = 10.0  # after a failed start, the spawns behind it serve alone at once
+IDLE_EXIT_ENV = "PYPROXY_ENGINE_IDLE_EXIT"
+IDLE_EXIT_DEFAULT = "30s"
+LOG_FILE_ENV = "PYPROXY_ENGINE_LOG_FILE"
+ENGINE_LOG_FILE = "/var/log/pyproxy/engine.log"
+# What must not reach the engine from dockerd's environment: it would answer for docker.service.
+_SERVICE_ENV = ("NOTIFY_SOCKET", "LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES", "WATCHDOG_USEC",
+                "WATCHDOG_PID")
+
 
 class EngineRefused(Exception):
     """The socket at the engine path is not an engine we may trust; the text says why."""
@@ -68,6 +85,151 @@ def connect_engine(path: str) -> _socket.socket | None:
         sock.close()
         raise
     return sock
+
+
+def engine_connection(path: str, *, may_start: bool) -> _socket.socket | None:
+    """A connection to the engine at `path`, None to serve here. With `may_start` (a runtime
+    spawned us), start the engine when none answers: one, however many spawns race, since the
+    start happens under a lock beside the socket and re-checks there. If it cannot start, say
+    why on stderr and return None: the mapping is served here, as before there were engines.
+    Raises EngineRefused if what answers is not trusted. An empty path: never an engine."""
+    engine = connect_engine(path)
+    if engine is not None or not may_start or not path:
+        return engine
+    lock_path = engine_lock_path(path)
+    try:
+        lock = _take_lock(lock_path)
+    except OSError as exc:
+        _cannot_start(path, f"lock {lock_path}: {exc.strerror or exc}")
+        return None
+    try:
+        engine = connect_engine(path)  # started by the spawn we waited behind
+        if engine is not None:
+            return engine
+        info = os.fstat(lock)
+        if info.st_size and time.time() - info.st_mtime < ENGINE_FAILURE_MEMORY:
+            _cannot_start(path, "it failed moments ago: " + _read_all(lock))
+            return None
+        error = start_engine(path)
+        engine = connect_engine(path) if error is None else None
+        if engine is None:
+            error = error or "it said it listens, but does not answer"
+        os.ftruncate(lock, 0)  # the failure the spawns behind us read, or none
+        if error is not None:
+            os.pwrite(lock, error.encode(errors="replace"), 0)
+            _cannot_start(path, error)
+        return engine
+    finally:
+        os.close(lock)  # releases the lock
+
+
+def engine_lock_path(path: str) -> str:
+    """The lock file beside the socket: /run/pyproxy/engine.sock -> /run/pyproxy/engine.lock."""
+    lock = os.path.splitext(path)[0] + ".lock"
+    return lock if lock != path else path + ".lock"
+
+
+def _take_lock(lock_path: str) -> int:
+    """The lock file's fd, exclusively locked; OSError (ETIMEDOUT) after ENGINE_LOCK_TIMEOUT."""
+    directory = os.path.dirname(os.path.abspath(lock_path))
+    if not os.path.isdir(directory):
+        os.makedirs(directory, mode=0o755)  # /run/pyproxy, as the engine would create it
+    import fcntl  # a C module; only paid for when no engine answers
+
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    previous = _signal.signal(_signal.SIGALRM, _lock_timed_out)
+    _signal.setitimer(_signal.ITIMER_REAL, ENGINE_LOCK_TIMEOUT)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+    except BaseException:
+        os.close(fd)
+        raise
+    finally:
+        _signal.setitimer(_signal.ITIMER_REAL, 0)
+        _signal.signal(_signal.SIGALRM, previous)
+    return fd
+
+
+def _lock_timed_out(signum: int, frame: object) -> None:
+    raise TimeoutError(f"held by another process for over {ENGINE_LOCK_TIMEOUT:g}s")
+
+
+def _read_all(fd: int) -> str:
+    return os.pread(fd, 4096, 0).decode(errors="replace")
+
+
+def _cannot_start(path: str, why: str) -> None:
+    sys.stderr.write(f"pyproxy: engine {path}: cannot start one ({why}); serving this mapping "
+                     "in this process\n")
+
+
+def start_engine(path: str) -> str | None:
+    """Start `pyproxy -engine` on `path`, detached from us (double fork, new session, stdio on
+    /dev/null, none of dockerd's fds or service variables) and wait until it listens; None
+    once it does, else why not. It reports on a pipe of ours, as dockerd's fd 3."""
+    log_file = os.environ.get(LOG_FILE_ENV) or (
+        "syslog" if os.path.exists("/dev/log") else ENGINE_LOG_FILE)
+    if log_file != "syslog":
+        try:
+            os.makedirs(os.path.dirname(os.path.abspath(log_file)), mode=0o755, exist_ok=True)
+        except OSError:
+            pass  # the engine says what is wrong with its -log-file
+    idle = os.environ.get(IDLE_EXIT_ENV) or IDLE_EXIT_DEFAULT
+    argv = [sys.executable, "-m", "proxy", "-engine", "-engine-socket", path,
+            "-engine-idle-exit", idle, "-log-file", log_file]
+    env = {name: value for name, value in os.environ.items() if name not in _SERVICE_ENV}
+    env["PYPROXY_ENGINE_SOCKET"] = path
+    # The engine runs from "/" (it must pin no directory), so `-m proxy` must find this package
+    # wherever it is, installed or not.
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, (here, os.environ.get("PYTHONPATH"))))
+    read_end, write_end = os.pipe()
+    try:
+        pid = os.fork()
+    except OSError as exc:
+        os.close(read_end)
+        os.close(write_end)
+        return f"fork: {exc.strerror}"
+    if pid == 0:  # pragma: no cover -- the child: only os calls from here to the exec
+        try:
+            os.setsid()  # no controlling terminal, out of dockerd's process group
+            if os.fork():
+                os._exit(0)  # the engine is reparented away from us and from dockerd
+            os.chdir("/")
+            null = os.open(os.devnull, os.O_RDWR)
+            for fd in (0, 1, 2):
+                os.dup2(null, fd)
+            os.dup2(write_end, 3)  # its status pipe: ours, not dockerd's
+            os.closerange(4, 1 << 20)  # dockerd's fd 4 and anything else we hold
+            os.execve(sys.executable, argv, env)
+        finally:
+            os._exit(127)
+    os.close(write_end)
+    try:
+        os.waitpid(pid, 0)  # the first child exits at once
+        return _engine_started(read_end)
+    finally:
+        os.close(read_end)
+
+
+def _engine_started(read_end: int) -> str | None:
+    """What the starting engine wrote on its status pipe, as dockerd would read it."""
+    import select  # a C module; only paid for when no engine answers
+
+    data = b""
+    deadline = time.monotonic() + ENGINE_START_TIMEOUT
+    while data != b"0\n":  # then EOF, as it closes the pipe; or "1\n<why>" and EOF
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([read_end], [], [], left)[0]:
+            return f"it did not start listening within {ENGINE_START_TIMEOUT:g}s"
+        chunk = os.read(read_end, 4096)
+        if not chunk:
+            break
+        data += chunk
+    if data == b"0\n":
+        return None
+    text = data.partition(b"\n")[2].decode(errors="replace").strip()
+    return text or "it exited as it started"
 
 
 def check_engine(sock: _socket.socket, path: str) -> None:

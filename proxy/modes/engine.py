@@ -30,12 +30,13 @@ from proxy.ground.stats import MappingStats
 from proxy.ground.statuspipe import StatusPipe
 from proxy.ground.wire import MAX_PAYLOAD, WireError, decode_argv, encode_reply, unframe
 from proxy.modes.publication import Publication
-from proxy.modes.signals import wait_for_stop_signal
+from proxy.modes.signals import stop_requested
 
 log = logging.getLogger("pyproxy")
 
 REQUEST_TIMEOUT = 5.0  # a spawned pyproxy sends its request at once; an idle peer is dropped
 ANSWER_TIMEOUT = 10.0  # dockerd gives up on "0\n" after 16 s: answer well before
+RETIRE_GRACE = 0.5  # an idle engine accepts this long after unlinking its socket (see serve)
 _UCRED = struct.Struct("3i")  # pid, uid, gid
 _FD_SPACE = socket.CMSG_SPACE(4)  # room for one fd (two, aligned): the kernel closes any more
 _PROCESS_DEFAULTS = ProcessOptions()
@@ -52,6 +53,7 @@ _ENGINE_WIDE = {
     "drain_timeout": "the engine releases a mapping as soon as its pyproxy is stopped",
     "user": "it would change the user of every mapping; run the engine as that user",
     "engine": "this is an engine already",
+    "engine_idle_exit": "it is how long the engine itself lives; give it to `pyproxy -engine`",
 }
 _STANDALONE_HINT = "; to serve it in its own process, run it with PYPROXY_ENGINE_SOCKET= (empty)"
 
@@ -144,6 +146,8 @@ class Engine:
         self._metrics: Any = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._socket_id: tuple[int, int] | None = None  # (st_dev, st_ino) of the socket we made
+        self._last_busy = 0.0  # loop time when the last registration ended (-engine-idle-exit)
+        self._became_idle: asyncio.Future[None] | None = None
 
     def _listen(self) -> socket.socket:
         where = f"engine: -engine-socket {self.path}"
@@ -221,8 +225,14 @@ class Engine:
         status.ready()
         print(f"pyproxy engine serving {self.path}", flush=True)
         log.info("engine serving %s", self.path)
-        accepting = asyncio.get_running_loop().create_task(self._accept(listener))
-        await wait_for_stop_signal()
+        loop = asyncio.get_running_loop()
+        accepting = loop.create_task(self._accept(listener))
+        stop = stop_requested()
+        self._last_busy = loop.time()
+        if self.config.engine_idle_exit:
+            await self._until_stop_or_idle(listener, accepting, stop)
+        else:
+            await stop
         accepting.cancel()
         listener.close()
         self._unlink_own_socket()
@@ -235,6 +245,46 @@ class Engine:
         log.info("engine stopped; released %d mapping(s)", len(self.publications))
         return 0
 
+    async def _until_stop_or_idle(self, listener: socket.socket, accepting: asyncio.Task[None],
+                                  stop: asyncio.Future[int]) -> None:
+        """Serve until a stop signal or, with -engine-idle-exit, until no registration has been
+        open for that long; then retire without losing one that races the exit."""
+        idle = asyncio.get_running_loop().create_task(self._idle_for(self.config.engine_idle_exit))
+        await asyncio.wait((stop, idle), return_when=asyncio.FIRST_COMPLETED)
+        idle.cancel()
+        if stop.done():
+            return
+        log.info("engine: no mapping for %gs: exiting", self.config.engine_idle_exit)
+        # From here a spawned pyproxy finds no socket and starts a new engine (under the lock
+        # beside the socket, proxy.handover); one that connected before the unlink is still
+        # queued on our listener: keep accepting a moment, take what is queued, then close.
+        self._unlink_own_socket()
+        await asyncio.wait((stop,), timeout=RETIRE_GRACE)
+        accepting.cancel()
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:  # BlockingIOError: the queue is empty
+                break
+            self._register(conn)
+        listener.close()
+        drained = asyncio.get_running_loop().create_task(self._idle_for(0))
+        await asyncio.wait((stop, drained), return_when=asyncio.FIRST_COMPLETED)
+        drained.cancel()
+
+    async def _idle_for(self, delay: float) -> None:
+        """Return once no registration (being read, starting or held) has been open for `delay`."""
+        loop = asyncio.get_running_loop()
+        while True:
+            if self._tasks:
+                self._became_idle = loop.create_future()
+                await self._became_idle
+                continue
+            left = self._last_busy + delay - loop.time()
+            if left <= 0:
+                return
+            await asyncio.sleep(left)
+
     async def _accept(self, listener: socket.socket) -> None:
         loop = asyncio.get_running_loop()
         while True:
@@ -244,9 +294,18 @@ class Engine:
                 log.warning("engine: accept: %s", exc.strerror)
                 await asyncio.sleep(0.5)
                 continue
-            task = loop.create_task(self._registration(conn))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self._register(conn)
+
+    def _register(self, conn: socket.socket) -> None:
+        task = asyncio.get_running_loop().create_task(self._registration(conn))
+        self._tasks.add(task)
+        task.add_done_callback(self._registration_done)
+
+    def _registration_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        self._last_busy = asyncio.get_running_loop().time()
+        if not self._tasks and self._became_idle is not None and not self._became_idle.done():
+            self._became_idle.set_result(None)
 
     def _peer(self, conn: socket.socket) -> tuple[int, int]:
         pid, uid, _ = _UCRED.unpack(conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
