@@ -11,6 +11,10 @@ signal. On SIGINT/SIGTERM the waiter asks the engine to release the port and exi
 has; if the waiter dies any other way, or the engine does, the connection ends and the port
 is released.
 
+When no engine answers, a process that a runtime spawned (it has the status pipe) starts
+one (engine_connection): under a lock beside the socket, so a hundred simultaneous spawns
+start one engine, detached from us and from dockerd; if it cannot start, we serve here.
+
 What fd 3 and fd 4 are is read at the very first line, before this process opens anything:
 the engine connection must never be taken for the status pipe or for dockerd's socket.
 

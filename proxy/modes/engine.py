@@ -8,6 +8,10 @@ can write), framed as in proxy.ground.wire: the spawned process sends its argv, 
 usage) with the error. After a 0 the connection is the mapping's lifetime: "stop" (answered
 "ok" once the port is released) or EOF drops the mapping.
 
+With -engine-idle-exit D (what a spawned pyproxy that starts the engine passes), the engine
+exits once no registration has been open for D: it unlinks its socket first, then takes what
+is already queued on it, so a spawn racing the exit is served here or starts a new engine.
+
 Every request gets an answer and none can end the engine: a peer is the wrong user, slow,
 malformed or hostile at worst, and only its own connection pays for it.
 """
