@@ -100,6 +100,10 @@ def engine_connection(path: str, *, may_start: bool) -> _socket.socket | None:
     engine = connect_engine(path)
     if engine is not None or not may_start or not path:
         return engine
+    unsafe = _unsafe_directory(os.path.dirname(os.path.abspath(path)))
+    if unsafe:  # the engine would refuse it too; and no lock file of ours goes there
+        _cannot_start(path, unsafe)
+        return None
     lock_path = engine_lock_path(path)
     try:
         lock = _take_lock(lock_path)
@@ -125,6 +129,19 @@ def engine_connection(path: str, *, may_start: bool) -> _socket.socket | None:
         return engine
     finally:
         os.close(lock)  # releases the lock
+
+
+def _unsafe_directory(directory: str) -> str | None:
+    """Why the engine's directory is not fit for it (others can write it), None if it is or
+    does not exist yet (it is then made 0755). The engine checks the directories above too."""
+    try:
+        info = os.stat(directory)
+    except OSError:
+        return None
+    if info.st_uid not in (0, os.geteuid()) or info.st_mode & 0o022:
+        return (f"refusing a directory others can write: {directory} (mode "
+                f"{info.st_mode & 0o7777:04o}, owner uid {info.st_uid})")
+    return None
 
 
 def engine_lock_path(path: str) -> str:
@@ -163,8 +180,14 @@ def _read_all(fd: int) -> str:
 
 
 def _cannot_start(path: str, why: str) -> None:
-    sys.stderr.write(f"pyproxy: engine {path}: cannot start one ({why}); serving this mapping "
-                     "in this process\n")
+    """Say it on stderr, and in syslog when there is one: dockerd discards our stderr."""
+    text = f"engine {path}: cannot start one ({why}); serving this mapping in this process"
+    sys.stderr.write(f"pyproxy: {text}\n")
+    if os.path.exists("/dev/log"):
+        import syslog  # a C module
+
+        syslog.openlog("pyproxy", syslog.LOG_PID, syslog.LOG_DAEMON)
+        syslog.syslog(syslog.LOG_WARNING, text)
 
 
 def start_engine(path: str) -> str | None:

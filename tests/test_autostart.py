@@ -261,32 +261,61 @@ def test_the_opt_outs_never_start_or_use_an_engine(site, how):
         backend.close()
 
 
-def test_an_engine_that_cannot_start_leaves_the_spawn_serving_alone(tmp_path):
-    """A directory the engine refuses (group-writable): the spawn says why on stderr and
-    serves the mapping itself, reporting 0 as a standalone pyproxy would."""
-    directory = tmp_path / "shared"
-    directory.mkdir()
-    directory.chmod(0o770)
+@pytest.mark.parametrize("why", ["a directory others can write", "the engine fails at start"])
+def test_an_engine_that_cannot_start_leaves_the_spawn_serving_alone(tmp_path, why):
+    """The spawn says why on stderr and serves the mapping itself, reporting 0 as a standalone
+    pyproxy would; the spawns right behind it do not each try again."""
+    directory = tmp_path / "run"
+    directory.mkdir(mode=0o700)
+    log_file = tmp_path / "engine.log"
+    if why == "a directory others can write":
+        directory.chmod(0o770)
+        expected = [f"refusing a directory others can write: {directory} (mode 0770"] * 2
+    else:
+        log_file.mkdir()  # the engine's -log-file: a directory, so it exits 1 at start
+        expected = [f"-log-file {log_file}: is a directory", "it failed moments ago: -log-file"]
     path = str(directory / "engine.sock")
     backend = EchoBackend()
-    port = free_port()
-    read_end, write_end = os.pipe()
-    proc = spawn(docker_args(port, backend.port), {3: write_end},
-                 env={"PYPROXY_ENGINE_SOCKET": path,
-                      "PYPROXY_ENGINE_LOG_FILE": str(tmp_path / "engine.log")})
-    os.close(write_end)
     try:
-        assert read_status(read_end) == b"0\n"
-        assert exchange("127.0.0.1", port) == b"ping"
-        assert "pyproxy-wait" not in cmdline(proc.pid) and not engines(path)
-        proc.send_signal(signal.SIGINT)
-        assert proc.wait(timeout=5) == 0
-        _, err = output(proc)
-        assert f"pyproxy: engine {path}: cannot start one (".encode() in err
-        assert b"refusing a directory others can write" in err
-        assert b"serving this mapping in this process" in err
+        for text in expected:
+            port = free_port()
+            read_end, write_end = os.pipe()
+            proc = spawn(docker_args(port, backend.port), {3: write_end},
+                         env={"PYPROXY_ENGINE_SOCKET": path, "PYPROXY_ENGINE_LOG_FILE": str(log_file)})
+            os.close(write_end)
+            assert read_status(read_end) == b"0\n"
+            os.close(read_end)
+            assert exchange("127.0.0.1", port) == b"ping"
+            assert "pyproxy-wait" not in cmdline(proc.pid) and not engines(path)
+            proc.send_signal(signal.SIGINT)
+            assert proc.wait(timeout=5) == 0
+            _, err = output(proc)
+            assert err.startswith(f"pyproxy: engine {path}: cannot start one (".encode()), err
+            assert text.encode() in err
+            assert b"; serving this mapping in this process" in err
     finally:
-        os.close(read_end)
+        backend.close()
+
+
+def test_an_engine_killed_outright_is_started_again_by_the_next_spawn(site):
+    path = site["PYPROXY_ENGINE_SOCKET"]
+    backend = EchoBackend()
+    first = Spawned(docker_args(free_port(), backend.port), site)
+    assert first.wait() == b"0\n"
+    [killed] = engines(path)
+    os.kill(killed, signal.SIGKILL)
+    assert first.proc.wait(timeout=5) != 0  # its waiter saw the engine go
+    assert wait_until(lambda: killed not in engines(path))
+    assert os.path.exists(path)  # the dead engine's socket file is left behind
+    port = free_port()
+    second = Spawned(docker_args(port, backend.port), site)
+    try:
+        assert second.wait() == b"0\n"
+        assert len(engines(path)) == 1 and killed not in engines(path)
+        assert exchange("127.0.0.1", port) == b"ping"
+    finally:
+        second.proc.send_signal(signal.SIGINT)
+        second.proc.wait(timeout=5)
         backend.close()
 
 
