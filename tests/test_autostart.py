@@ -54,6 +54,15 @@ def ppid(pid: int) -> int:
         return int(next(line for line in f if line.startswith("PPid:")).split()[1])
 
 
+def alive(pid: int) -> bool:
+    """Running, not gone nor a zombie (whoever adopted it may not have reaped it yet)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return "State:\tZ" not in f.read()
+    except OSError:
+        return False
+
+
 def wait_until(predicate, timeout: float = 10) -> bool:  # type: ignore[no-untyped-def]
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -348,3 +357,42 @@ def test_engine_idle_exit_is_only_for_the_engine(tmp_path):
                           "-engine-socket", str(tmp_path / "e.sock")], cwd=REPO,
                          capture_output=True, timeout=30)
     assert bad.returncode == 2 and b"-engine-idle-exit" in bad.stderr
+
+
+# A stand-in for dockerd: spawns a pyproxy with PR_SET_PDEATHSIG=SIGKILL, as dockerd does
+# (SysProcAttr.Pdeathsig), prints its status and pid, then exits.
+FAKE_DOCKERD = r"""
+import ctypes, os, signal, sys
+sys.path.insert(0, os.getcwd())
+from tests.helpers import docker_args, read_status, spawn
+libc = ctypes.CDLL(None, use_errno=True)
+PR_SET_PDEATHSIG = 1
+r, w = os.pipe()
+proc = spawn(docker_args(int(sys.argv[1]), int(sys.argv[2])), {3: w},
+             env={k: v for k, v in os.environ.items() if k.startswith("PYPROXY_")},
+             preexec=lambda: libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL))
+os.close(w)
+print(read_status(r), proc.pid, flush=True)
+os._exit(0)  # as dockerd dying: its children get their parent-death signal
+"""
+
+
+def test_the_engine_survives_the_parent_death_signal_of_the_spawn(site):
+    """dockerd spawns with a parent-death signal: when dockerd goes, its pyproxy is killed,
+    but the engine that pyproxy started (forked, so the setting is cleared) stays."""
+    path = site["PYPROXY_ENGINE_SOCKET"]
+    backend = EchoBackend()
+    port = free_port()
+    try:
+        fake = subprocess.run([sys.executable, "-c", FAKE_DOCKERD, str(port), str(backend.port)],
+                              cwd=REPO, env={**os.environ, **site}, capture_output=True, text=True,
+                              timeout=60)
+        status, pid = fake.stdout.split()
+        assert status == repr(b"0\n")
+        [engine] = engines(path)
+        assert wait_until(lambda: not alive(int(pid)))  # killed by its parent-death signal
+        assert wait_until(lambda: refused(port))  # the engine saw its waiter die
+        time.sleep(0.5)
+        assert engines(path) == [engine]
+    finally:
+        backend.close()
