@@ -17,6 +17,10 @@ REATTACH_FLAG, the fds it holds and the original argv: reattach() waits for an e
 same path, registers again with the sockets attached (the new engine adopts them: clients
 queued meanwhile are served) and becomes the waiter again.
 
+When no engine answers, a process that a runtime spawned (it has the status pipe) starts
+one (engine_connection): under a lock beside the socket, so a hundred simultaneous spawns
+start one engine, detached from us and from dockerd; if it cannot start, we serve here.
+
 What fd 3 and fd 4 are is read at the very first line, before this process opens anything:
 the engine connection must never be taken for the status pipe or for dockerd's socket.
 
@@ -33,7 +37,7 @@ import _socket
 import os
 import stat
 import sys
-import time
+import time  # built in, like the C modules
 from collections.abc import Sequence
 
 from proxy.ground.statuspipe import StatusPipe  # os and stat only
@@ -70,12 +74,32 @@ REATTACH_FLAG = "-engine-reattach"
 # between tries a sleep from RETRY_FIRST doubling up to RETRY_MAX, so a port is back within
 # ~RETRY_MAX of an engine starting, and a waiter with no engine costs a few wake-ups a second.
 CONNECT_TIMEOUT = 2.0
+# A waiter whose engine died first waits this long for one to come back (systemd's unit
+# restarts it after 250 ms), then starts one itself, as a spawn does: an engine that a spawn
+# auto-started has no one else to start it again.
+REATTACH_START_AFTER = 1.0
 ANSWER_TIMEOUT = 15.0  # the engine answers within its own 10 s
 RETRY_FIRST = 0.01
 RETRY_MAX = 0.2
 _FD_SPACE = _socket.CMSG_SPACE(4 * MAX_HELD)
 _LISTEN_FD_FLAGS = {"-use-listen-fd", "--use-listen-fd"}
 _UCRED_SIZE = 12  # struct ucred: pid, uid, gid
+
+# Starting the engine when none answers (engine_connection). The lock beside the socket makes
+# it one engine however many pyproxies dockerd spawns at once; the auto-started engine exits
+# once it has served nothing for PYPROXY_ENGINE_IDLE_EXIT and logs to PYPROXY_ENGINE_LOG_FILE
+# (default: syslog when /dev/log exists, else ENGINE_LOG_FILE).
+ENGINE_START_TIMEOUT = 8.0  # from fork to listening; dockerd waits 16 s for our "0\n" in all
+ENGINE_LOCK_TIMEOUT = ENGINE_START_TIMEOUT + 2.0  # waiting behind the spawn that starts it
+ENGINE_FAILURE_MEMORY = 10.0  # after a failed start, the spawns behind it serve alone at once
+IDLE_EXIT_ENV = "PYPROXY_ENGINE_IDLE_EXIT"
+IDLE_EXIT_DEFAULT = "30s"
+LOG_FILE_ENV = "PYPROXY_ENGINE_LOG_FILE"
+ENGINE_LOG_FILE = "/var/log/pyproxy/engine.log"
+# What must not reach the engine from dockerd's environment: it would answer for docker.service.
+_SERVICE_ENV = ("NOTIFY_SOCKET", "LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES", "WATCHDOG_USEC",
+                "WATCHDOG_PID")
+
 
 class EngineRefused(Exception):
     """The socket at the engine path is not an engine we may trust; the text says why."""
@@ -100,6 +124,174 @@ def connect_engine(path: str, timeout: float | None = None) -> _socket.socket | 
         sock.close()
         raise
     return sock
+
+
+def engine_connection(path: str, *, may_start: bool) -> _socket.socket | None:
+    """A connection to the engine at `path`, None to serve here. With `may_start` (a runtime
+    spawned us), start the engine when none answers: one, however many spawns race, since the
+    start happens under a lock beside the socket and re-checks there. If it cannot start, say
+    why on stderr and return None: the mapping is served here, as before there were engines.
+    Raises EngineRefused if what answers is not trusted. An empty path: never an engine."""
+    engine = connect_engine(path)
+    if engine is not None or not may_start or not path:
+        return engine
+    unsafe = _unsafe_directory(os.path.dirname(os.path.abspath(path)))
+    if unsafe:  # the engine would refuse it too; and no lock file of ours goes there
+        _cannot_start(path, unsafe)
+        return None
+    lock_path = engine_lock_path(path)
+    try:
+        lock = _take_lock(lock_path)
+    except OSError as exc:
+        _cannot_start(path, f"lock {lock_path}: {exc.strerror or exc}")
+        return None
+    try:
+        engine = connect_engine(path)  # started by the spawn we waited behind
+        if engine is not None:
+            return engine
+        info = os.fstat(lock)
+        if info.st_size and time.time() - info.st_mtime < ENGINE_FAILURE_MEMORY:
+            _cannot_start(path, "it failed moments ago: " + _read_all(lock))
+            return None
+        error = start_engine(path)
+        engine = connect_engine(path) if error is None else None
+        if engine is None:
+            error = error or "it said it listens, but does not answer"
+        os.ftruncate(lock, 0)  # the failure the spawns behind us read, or none
+        if error is not None:
+            os.pwrite(lock, error.encode(errors="replace"), 0)
+            _cannot_start(path, error)
+        return engine
+    finally:
+        os.close(lock)  # releases the lock
+
+
+def _unsafe_directory(directory: str) -> str | None:
+    """Why the engine's directory is not fit for it (others can write it), None if it is or
+    does not exist yet (it is then made 0755). The engine checks the directories above too."""
+    try:
+        info = os.stat(directory)
+    except OSError:
+        return None
+    if info.st_uid not in (0, os.geteuid()) or info.st_mode & 0o022:
+        return (f"refusing a directory others can write: {directory} (mode "
+                f"{info.st_mode & 0o7777:04o}, owner uid {info.st_uid})")
+    return None
+
+
+def engine_lock_path(path: str) -> str:
+    """The lock file beside the socket: /run/pyproxy/engine.sock -> /run/pyproxy/engine.lock."""
+    lock = os.path.splitext(path)[0] + ".lock"
+    return lock if lock != path else path + ".lock"
+
+
+def _take_lock(lock_path: str) -> int:
+    """The lock file's fd, exclusively locked; OSError (ETIMEDOUT) after ENGINE_LOCK_TIMEOUT."""
+    directory = os.path.dirname(os.path.abspath(lock_path))
+    if not os.path.isdir(directory):
+        os.makedirs(directory, mode=0o755)  # /run/pyproxy, as the engine would create it
+    import fcntl  # a C module; only paid for when no engine answers
+
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    previous = _signal.signal(_signal.SIGALRM, _lock_timed_out)
+    _signal.setitimer(_signal.ITIMER_REAL, ENGINE_LOCK_TIMEOUT)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+    except BaseException:
+        os.close(fd)
+        raise
+    finally:
+        _signal.setitimer(_signal.ITIMER_REAL, 0)
+        _signal.signal(_signal.SIGALRM, previous)
+    return fd
+
+
+def _lock_timed_out(signum: int, frame: object) -> None:
+    raise TimeoutError(f"held by another process for over {ENGINE_LOCK_TIMEOUT:g}s")
+
+
+def _read_all(fd: int) -> str:
+    return os.pread(fd, 4096, 0).decode(errors="replace")
+
+
+def _cannot_start(path: str, why: str) -> None:
+    """Say it on stderr, and in syslog when there is one: dockerd discards our stderr."""
+    text = f"engine {path}: cannot start one ({why}); serving this mapping in this process"
+    sys.stderr.write(f"pyproxy: {text}\n")
+    if os.path.exists("/dev/log"):
+        import syslog  # a C module
+
+        syslog.openlog("pyproxy", syslog.LOG_PID, syslog.LOG_DAEMON)
+        syslog.syslog(syslog.LOG_WARNING, text)
+
+
+def start_engine(path: str) -> str | None:
+    """Start `pyproxy -engine` on `path`, detached from us (double fork, new session, stdio on
+    /dev/null, none of dockerd's fds or service variables) and wait until it listens; None
+    once it does, else why not. It reports on a pipe of ours, as dockerd's fd 3."""
+    log_file = os.environ.get(LOG_FILE_ENV) or (
+        "syslog" if os.path.exists("/dev/log") else ENGINE_LOG_FILE)
+    if log_file != "syslog":
+        try:
+            os.makedirs(os.path.dirname(os.path.abspath(log_file)), mode=0o755, exist_ok=True)
+        except OSError:
+            pass  # the engine says what is wrong with its -log-file
+    idle = os.environ.get(IDLE_EXIT_ENV) or IDLE_EXIT_DEFAULT
+    argv = [sys.executable, "-m", "proxy", "-engine", "-engine-socket", path,
+            "-engine-idle-exit", idle, "-log-file", log_file]
+    env = {name: value for name, value in os.environ.items() if name not in _SERVICE_ENV}
+    env["PYPROXY_ENGINE_SOCKET"] = path
+    # The engine runs from "/" (it must pin no directory), so `-m proxy` must find this package
+    # wherever it is, installed or not.
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, (here, os.environ.get("PYTHONPATH"))))
+    read_end, write_end = os.pipe()
+    try:
+        pid = os.fork()
+    except OSError as exc:
+        os.close(read_end)
+        os.close(write_end)
+        return f"fork: {exc.strerror}"
+    if pid == 0:  # pragma: no cover -- the child: only os calls from here to the exec
+        try:
+            os.setsid()  # no controlling terminal, out of dockerd's process group
+            if os.fork():
+                os._exit(0)  # the engine is reparented away from us and from dockerd
+            os.chdir("/")
+            null = os.open(os.devnull, os.O_RDWR)
+            for fd in (0, 1, 2):
+                os.dup2(null, fd)
+            os.dup2(write_end, 3)  # its status pipe: ours, not dockerd's
+            os.closerange(4, 1 << 20)  # dockerd's fd 4 and anything else we hold
+            os.execve(sys.executable, argv, env)
+        finally:
+            os._exit(127)
+    os.close(write_end)
+    try:
+        os.waitpid(pid, 0)  # the first child exits at once
+        return _engine_started(read_end)
+    finally:
+        os.close(read_end)
+
+
+def _engine_started(read_end: int) -> str | None:
+    """What the starting engine wrote on its status pipe, as dockerd would read it."""
+    import select  # a C module; only paid for when no engine answers
+
+    data = b""
+    deadline = time.monotonic() + ENGINE_START_TIMEOUT
+    while data != b"0\n":  # then EOF, as it closes the pipe; or "1\n<why>" and EOF
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([read_end], [], [], left)[0]:
+            return f"it did not start listening within {ENGINE_START_TIMEOUT:g}s"
+        chunk = os.read(read_end, 4096)
+        if not chunk:
+            break
+        data += chunk
+    if data == b"0\n":
+        return None
+    text = data.partition(b"\n")[2].decode(errors="replace").strip()
+    return text or "it exited as it started"
 
 
 def check_engine(sock: _socket.socket, path: str) -> None:
@@ -259,9 +451,12 @@ def _become_waiter(shell: str, engine: _socket.socket, lines: str, answers_fd3: 
     return "unreachable"  # execv returns only by raising
 
 
-def _engine_for_reattach(path: str) -> _socket.socket | None:
+def _engine_for_reattach(path: str, may_start: bool) -> _socket.socket | None:
     """A connection to whichever engine serves `path` now, None if none does yet: the one
-    place a re-attaching waiter looks for (or could start) an engine."""
+    place a re-attaching waiter looks for an engine. With `may_start` (none came back within
+    REATTACH_START_AFTER: no service manager restarts it), it starts one, as a spawn does."""
+    if may_start:
+        return engine_connection(path, may_start=True)
     return connect_engine(path, CONNECT_TIMEOUT)
 
 
@@ -290,9 +485,10 @@ def reattach(args: Sequence[str]) -> int:
         sys.stderr.write("pyproxy: re-attach: no engine socket or no shell to wait in\n")
         return 1
     delay, said = RETRY_FIRST, ""
+    lost_at = time.monotonic()
     while True:
         try:
-            engine = _engine_for_reattach(path)
+            engine = _engine_for_reattach(path, time.monotonic() - lost_at >= REATTACH_START_AFTER)
         except EngineRefused as exc:
             engine, why = None, str(exc)
             if why != said:  # once, not at every try

@@ -20,7 +20,7 @@ from proxy.handover import (
     REATTACH_FLAG,
     EngineRefused,
     catch_stop_signals,
-    connect_engine,
+    engine_connection,
     hand_over,
     inherited_socket,
     reattach,
@@ -34,7 +34,8 @@ _LOCAL_FLAGS = {"-h", "-help", "--help", "-v", "-version", "--version", "-engine
 _LIST_FLAGS = {"-list", "--list"}  # `pyproxy -list`: a command of its own (proxy.listing)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, *, standalone: bool = False) -> int:
+    """`standalone`: never use an engine (bin/pyproxy-standalone, for daemon.json)."""
     catch_stop_signals()
     args = list(sys.argv[1:] if argv is None else argv)
     if args and args[0].partition("=")[0] == REATTACH_FLAG:
@@ -50,13 +51,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         return list_command(args)
     if not _LOCAL_FLAGS.intersection(arg.partition("=")[0] for arg in args):
         try:
-            engine = connect_engine(engine_socket_path())
+            # Only a runtime's spawn starts an engine: one typed at a shell serves (and stops
+            # with Ctrl-C) in its own process unless an engine is already running.
+            path = engine_socket_flag(args)
+            engine = None if standalone else engine_connection(
+                engine_socket_path() if path is None else path, may_start=status.attached)
         except EngineRefused as exc:
             status.fail(str(exc))
             return 1
         if engine is not None:
             return hand_over(engine, args, status, listen_fd)
     return serve_here(args, status)
+
+
+def engine_socket_flag(args: Sequence[str]) -> str | None:
+    """The value of an -engine-socket flag in argv, read without the flag parser (too heavy
+    before a handover); the parser checks it, and the engine ignores it, later."""
+    for i, arg in enumerate(args):
+        name, equals, value = arg.lstrip("-").partition("=")
+        if name == "engine-socket" and arg.startswith("-") and len(arg) - len(arg.lstrip("-")) <= 2:
+            if equals:
+                return value
+            return args[i + 1] if i + 1 < len(args) else None
+    return None
 
 
 def serve_here(argv: Sequence[str], status: StatusPipe) -> int:

@@ -176,9 +176,10 @@ def reap_spawned() -> None:
 
 
 def spawn(args: list[str], fds: dict[int, int], *, env=None, preexec=None,
-          prefix: list[str] | None = None) -> subprocess.Popen:
-    """Run pyproxy with `fds` placed at exactly those descriptor numbers in the child
-    (behind `prefix`, such as `ip netns exec NS`, which keeps them)."""
+          prefix: list[str] | None = None, command: list[str] | None = None) -> subprocess.Popen:
+    """Run pyproxy (or `command`, such as bin/pyproxy-standalone) with `fds` placed at exactly
+    those descriptor numbers in the child (behind `prefix`, such as `ip netns exec NS`, which
+    keeps them)."""
 
     def place_fds() -> None:
         # dup2 via scratch copies so that a source fd equal to a target is not clobbered, then
@@ -194,11 +195,14 @@ def spawn(args: list[str], fds: dict[int, int], *, env=None, preexec=None,
 
     # Standalone unless a test hands an engine's socket: an engine elsewhere on the machine
     # must not change what a test exercises.
-    full_env = {**os.environ, "PYPROXY_ENGINE_SOCKET": "", **(env or {})}
+    # An engine a spawn starts (tests/test_autostart.py) logs where its test says, never into
+    # this host's /var/log.
+    full_env = {**os.environ, "PYPROXY_ENGINE_SOCKET": "", "PYPROXY_ENGINE_LOG_FILE": os.devnull,
+                **(env or {})}
     # Output goes to files, not pipes: a child must never block on a pipe nobody reads yet.
     files = (tempfile.TemporaryFile(), tempfile.TemporaryFile())
     proc = subprocess.Popen(
-        [*(prefix or []), sys.executable, "-m", "proxy", *args], cwd=REPO,
+        [*(prefix or []), *(command or [sys.executable, "-m", "proxy"]), *args], cwd=REPO,
         stdout=files[0], stderr=files[1], close_fds=True,
         # subprocess closes every fd not listed here *after* preexec_fn has placed them
         pass_fds=sorted(set(fds.values()) | set(fds)), preexec_fn=place_fds, env=full_env,

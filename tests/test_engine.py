@@ -100,10 +100,13 @@ def test_one_metrics_endpoint_covers_every_mapping(engine):
         backend.close()
 
 
-def test_no_engine_means_serving_standalone(tmp_path):
+def test_no_engine_and_none_can_start_means_serving_standalone(tmp_path):
+    """(A runtime's spawn starts an engine when none answers: tests/test_autostart.py.) Here
+    its directory cannot be made (a file is in the way), so the spawn serves alone."""
     backend = EchoBackend()
     port = free_port()
-    p = spawn_via(str(tmp_path / "absent.sock"), docker_args(port, backend.port))
+    (tmp_path / "file").write_text("")
+    p = spawn_via(str(tmp_path / "file" / "absent.sock"), docker_args(port, backend.port))
     try:
         assert "proxy" in cmdline(p.proc.pid) and "pyproxy-wait" not in cmdline(p.proc.pid)
         assert exchange("127.0.0.1", port) == b"ping"

@@ -330,6 +330,9 @@ class ProcessOptions:
     user: str | None = None  # drop to this user once listening
     engine: bool = False  # serve the mappings that spawned pyproxies hand over (modes.engine)
     engine_socket: str = DEFAULT_ENGINE_SOCKET
+    # An engine exits once no mapping has been registered for this long; 0: never (an engine
+    # a service manager runs). An engine that a spawned pyproxy started gets one (handover).
+    engine_idle_exit: float = _option("0", parse_duration, validator=_positive)
 
 
 @frozen

@@ -238,6 +238,8 @@ def build_parser() -> argparse.ArgumentParser:
     flag("engine-socket", None, engine_socket_path(),
          f"the engine's Unix socket (default: ${ENGINE_SOCKET_ENV} or {DEFAULT_ENGINE_SOCKET})",
          metavar="PATH")
+    flag("engine-idle-exit", parse_duration, _default("engine_idle_exit"),
+         "with -engine: exit once no mapping has been held for D (0: never)", metavar="D")
     flag("drain-timeout", parse_duration, _default("drain_timeout"),
          "on SIGTERM, let open connections finish for up to D (default: 0, exit at once)",
          metavar="D")
@@ -349,6 +351,8 @@ def config_from_args(args: argparse.Namespace) -> Config:
                          "give it no -host-port or -p")
     if args.engine:
         _check_engine_socket(args.engine_socket)
+    if args.engine_idle_exit and not args.engine:
+        raise UsageError("argument -engine-idle-exit: only with -engine")
     if not mappings and not args.engine:
         raise UsageError("nothing to publish: give -host-port and -container-port, or -p")
     if args.use_listen_fd and len(mappings) != 1:

@@ -31,6 +31,11 @@ class StatusPipe:
         os.set_inheritable(STATUS_FD, False)
         return cls(STATUS_FD)
 
+    @property
+    def attached(self) -> bool:
+        """True when a runtime passed the pipe: a runtime, not a person, started us."""
+        return self._fd is not None
+
     def inherit_on_exec(self) -> bool:
         """Let a program we exec answer on fd 3 (the engine's waiter writes "0\\n" once its
         signal trap is set). We keep our copy, to report "1\\n" if the exec fails."""

@@ -18,6 +18,10 @@ meanwhile are served. `pyproxy -list` sends
 LIST_REQUEST instead of an argv and gets every mapping's row (proxy.ground.listing), under
 the same check of who is asking.
 
+With -engine-idle-exit D (what a spawned pyproxy that starts the engine passes), the engine
+exits once no registration has been open for D: it unlinks its socket first, then takes what
+is already queued on it, so a spawn racing the exit is served here or starts a new engine.
+
 Every request gets an answer and none can end the engine: a peer is the wrong user, slow,
 malformed or hostile at worst, and only its own connection pays for it.
 """
@@ -62,6 +66,7 @@ log = logging.getLogger("pyproxy")
 REQUEST_TIMEOUT = 5.0  # a spawned pyproxy sends its request at once; an idle peer is dropped
 ANSWER_TIMEOUT = 10.0  # dockerd gives up on "0\n" after 16 s: answer well before
 RELOAD_TIMEOUT = 20.0  # for the new engine's "0" on its status pipe
+RETIRE_GRACE = 0.5  # an idle engine accepts this long after unlinking its socket (see serve)
 _UCRED = struct.Struct("3i")  # pid, uid, gid
 # Room for a re-attach's sockets, one per mapping: the kernel closes any more that come.
 _FD_SPACE = socket.CMSG_SPACE(4 * MAX_HELD)
@@ -81,6 +86,7 @@ _ENGINE_WIDE = {
     "drain_timeout": "the engine releases a mapping as soon as its pyproxy is stopped",
     "user": "it would change the user of every mapping; run the engine as that user",
     "engine": "this is an engine already",
+    "engine_idle_exit": "it is how long the engine itself lives; give it to `pyproxy -engine`",
 }
 _STANDALONE_HINT = "; to serve it in its own process, run it with PYPROXY_ENGINE_SOCKET= (empty)"
 
@@ -189,6 +195,8 @@ class Engine:
         self._metrics: Any = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._socket_id: tuple[int, int] | None = None  # (st_dev, st_ino) of the socket we made
+        self._last_busy = 0.0  # loop time when the last registration ended (-engine-idle-exit)
+        self._became_idle: asyncio.Future[None] | None = None
 
     def _listen(self) -> socket.socket:
         where = f"engine: -engine-socket {self.path}"
@@ -284,12 +292,22 @@ class Engine:
         stop = stop_requested()
         reload_wanted = asyncio.Event()
         loop.add_signal_handler(signal.SIGUSR2, reload_wanted.set)
+        self._last_busy = loop.time()
         while True:
             accepting = loop.create_task(self._accept(listener))
             reload_asked = loop.create_task(reload_wanted.wait())
             either: set[asyncio.Future[Any]] = {stop, reload_asked}
+            idle = None
+            if self.config.engine_idle_exit:  # an engine a spawn started goes once unused
+                idle = loop.create_task(self._idle_for(self.config.engine_idle_exit))
+                either.add(idle)
             await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
             reload_asked.cancel()
+            if idle is not None and not idle.cancel() and not stop.done():  # it had finished
+                await self._retire(listener, accepting, stop)
+                sdnotify.stopping()
+                await self._close_metrics(wait=False)
+                break
             accepting.cancel()
             listener.close()
             self._unlink_own_socket()
@@ -372,6 +390,41 @@ class Engine:
             task.cancel()  # closes each waiter's connection: it re-attaches
         return True
 
+    async def _retire(self, listener: socket.socket, accepting: asyncio.Task[None],
+                      stop: asyncio.Future[int]) -> None:
+        """No registration has been open for -engine-idle-exit: go, without losing one that
+        races the exit."""
+        log.info("engine: no mapping for %gs: exiting", self.config.engine_idle_exit)
+        # From here a spawned pyproxy finds no socket and starts a new engine (under the lock
+        # beside the socket, proxy.handover); one that connected before the unlink is still
+        # queued on our listener: keep accepting a moment, take what is queued, then close.
+        self._unlink_own_socket()
+        await asyncio.wait((stop,), timeout=RETIRE_GRACE)
+        accepting.cancel()
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:  # BlockingIOError: the queue is empty
+                break
+            self._register(conn)
+        listener.close()
+        drained = asyncio.get_running_loop().create_task(self._idle_for(0))
+        await asyncio.wait((stop, drained), return_when=asyncio.FIRST_COMPLETED)
+        drained.cancel()
+
+    async def _idle_for(self, delay: float) -> None:
+        """Return once no registration (being read, starting or held) has been open for `delay`."""
+        loop = asyncio.get_running_loop()
+        while True:
+            if self._tasks:
+                self._became_idle = loop.create_future()
+                await self._became_idle
+                continue
+            left = self._last_busy + delay - loop.time()
+            if left <= 0:
+                return
+            await asyncio.sleep(left)
+
     async def _accept(self, listener: socket.socket) -> None:
         loop = asyncio.get_running_loop()
         while True:
@@ -381,9 +434,18 @@ class Engine:
                 log.warning("engine: accept: %s", exc.strerror, extra={"reason": exc.strerror})
                 await asyncio.sleep(0.5)
                 continue
-            task = loop.create_task(self._registration(conn))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self._register(conn)
+
+    def _register(self, conn: socket.socket) -> None:
+        task = asyncio.get_running_loop().create_task(self._registration(conn))
+        self._tasks.add(task)
+        task.add_done_callback(self._registration_done)
+
+    def _registration_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        self._last_busy = asyncio.get_running_loop().time()
+        if not self._tasks and self._became_idle is not None and not self._became_idle.done():
+            self._became_idle.set_result(None)
 
     def _peer(self, conn: socket.socket) -> tuple[int, int]:
         pid, uid, _ = _UCRED.unpack(conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
