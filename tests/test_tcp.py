@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import hashlib
 import logging
 import os
@@ -11,7 +12,7 @@ import struct
 
 import pytest
 
-from proxy.relays.tcp import EARLY_DATA_LIMIT, HIGH_WATER
+from proxy.relays.tcp import EARLY_DATA_LIMIT, HIGH_WATER, ClientSide, ContainerSide, Dial
 from tests.helpers import backend, echo_after_eof, free_port, needs_ipv6, sha, tcp_proxy
 
 pytestmark = pytest.mark.timeout(60)
@@ -367,3 +368,34 @@ async def test_a_client_leaving_between_retries_ends_the_dial_quietly() -> None:
         assert relay.connections == set() and relay.dialing == {}
         await asyncio.sleep(0.6)  # past the next retry: it must not run
         assert relay.stats.dial_failures == 0
+
+
+async def test_finished_connections_leave_no_cycles_for_the_gc() -> None:
+    """Relayed, refused and dial-failed connections are freed by reference counting alone:
+    what only the cyclic GC can free makes its passes longer (keep-alive tail latency)."""
+    gc.collect()
+    gc.disable()
+    try:
+        async with backend() as bport, tcp_proxy(bport) as server:
+            for _ in range(20):
+                assert await roundtrip("127.0.0.1", server.relays[0].port, b"x") == b"x"
+        async with tcp_proxy(free_port()) as server:  # refused: the dial fails
+            for _ in range(5):
+                reader, writer = await asyncio.open_connection("127.0.0.1", server.relays[0].port)
+                with pytest.raises(ConnectionResetError):
+                    await asyncio.wait_for(reader.read(), 5)
+                writer.close()
+        silent, fillers = silent_listener()  # the dial times out, then is cancelled
+        async with tcp_proxy(silent.getsockname()[1], "-dial-timeout", "200ms") as server:
+            reader, writer = await asyncio.open_connection("127.0.0.1", server.relays[0].port)
+            with pytest.raises(ConnectionResetError):
+                await asyncio.wait_for(reader.read(), 5)
+            writer.close()
+            assert server.relays[0].stats.dial_failures == 1
+        for f in [*fillers, silent]:
+            f.close()
+        await asyncio.sleep(0.1)
+        left = [o for o in gc.get_objects() if isinstance(o, (ClientSide, ContainerSide, Dial))]
+        assert left == []
+    finally:
+        gc.enable()

@@ -243,7 +243,7 @@ class ClientSide(_Side):
             return self._refuse(accesslog.REFUSED_MAX_CONNS)
         listener.connections.add(self)
         stats.active += 1
-        self.dial = listener.dial(self)
+        listener.dial(self)
 
     def _refuse(self, why: str) -> None:
         """Reset a client we won't serve; it never counts as active (see connection_lost)."""
@@ -403,7 +403,7 @@ class TcpListener:
                 client.dial.cancel()
         self._schedule_sweep()
 
-    def dial(self, client: ClientSide) -> Dial:
+    def dial(self, client: ClientSide) -> None:
         """Connect to the container for `client`, retrying a refusal for up to -dial-retry."""
         header = None
         if self.proxy_protocol:
@@ -412,9 +412,8 @@ class TcpListener:
             header = proxyproto.header(
                 self.proxy_protocol, "tcp", t.get_extra_info("peername"), t.get_extra_info("sockname")
             )
-        dial = Dial(self, client, header)
+        client.dial = dial = Dial(self, client, header)
         dial.attempt()
-        return dial
 
     def connect(self, client: ClientSide, header: bytes | None) -> Coroutine[Any, Any, Any]:
         """One attempt at the container, as a coroutine for a Dial to drive."""
@@ -491,7 +490,7 @@ class Dial:
         self.coro = listener.connect(self.client, self.header)
         self.step()
 
-    def step(self, _: object = None) -> None:
+    def step(self, waited: object = None) -> None:
         """Run the attempt up to its next wait, or to its end."""
         coro = self.coro
         assert coro is not None
@@ -517,6 +516,11 @@ class Dial:
             else:
                 self.waiting = waits
                 waits.add_done_callback(self.step)
+        finally:
+            # A failed attempt's exception holds this frame (in its traceback), and both the
+            # coroutine and the future it waited on hold the exception: dropped here, or
+            # they make a cycle with it that only the cyclic GC would free.
+            del coro, waited
 
     def refused(self, exc: ConnectionRefusedError) -> None:
         listener = self.listener
@@ -551,4 +555,8 @@ class Dial:
     def end(self) -> None:
         self.finished = True
         self.coro = self.waiting = self.timer = None
-        self.listener.dialing.pop(self.client, None)
+        client = self.client
+        self.listener.dialing.pop(client, None)
+        # Drop the client's reference back to us: a cycle would leave both (and the client's
+        # transport) to the cyclic GC, whose passes grow with what they find (tail latency).
+        client.dial = None
