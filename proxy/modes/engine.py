@@ -26,6 +26,7 @@ from typing import Any
 from proxy.ground import sdnotify
 from proxy.ground.config import Config, Mapping, ProcessOptions
 from proxy.ground.flags import UsageError, config_from_args, parse_args
+from proxy.ground.heap import freeze_startup
 from proxy.ground.sockets import StartupError, go_strerror
 from proxy.ground.stats import MappingStats
 from proxy.ground.statuspipe import StatusPipe
@@ -227,6 +228,7 @@ class Engine:
         asyncio.get_running_loop().call_soon(sdnotify.ready, f"serving {self.path}")
         print(f"pyproxy engine serving {self.path}", flush=True)
         log.info("engine serving %s", self.path)
+        freeze_startup()
         accepting = asyncio.get_running_loop().create_task(self._accept(listener))
         await wait_for_stop_signal()
         sdnotify.stopping()

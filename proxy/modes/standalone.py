@@ -10,6 +10,7 @@ import signal
 from typing import Any
 
 from proxy.ground.config import Config
+from proxy.ground.heap import freeze_startup
 from proxy.ground.privileges import drop_to
 from proxy.ground.sockets import StartupError
 from proxy.ground.statuspipe import LISTEN_FD, StatusPipe
@@ -66,6 +67,7 @@ class Standalone:
             print(line, flush=True)  # before "ready": whoever waits on fd 3 can read them
             log.info("serving %s -> %s", line, relay.mapping.backend())
         self.status.ready()
+        freeze_startup()  # after "ready": its few ms delay no one
         signum = await stop
         self._stop_metrics()
         drain = signum == signal.SIGTERM
