@@ -524,7 +524,7 @@ class Dial:
 
     def refused(self, exc: ConnectionRefusedError) -> None:
         listener = self.listener
-        del listener.dialing[self.client]  # not dialling while it waits to retry
+        listener.dialing.pop(self.client, None)  # not dialling while it waits to retry
         self.coro = None
         if self.backoff is None:
             self.backoff = Backoff(self.started, listener.dial_retry)
