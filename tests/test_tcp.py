@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import hashlib
 import logging
 import os
 import socket
+import struct
 
 import pytest
 
-from proxy.relays.tcp import EARLY_DATA_LIMIT, HIGH_WATER
+from proxy.relays.tcp import EARLY_DATA_LIMIT, HIGH_WATER, ClientSide, ContainerSide, Dial
 from tests.helpers import backend, echo_after_eof, free_port, needs_ipv6, sha, tcp_proxy
 
 pytestmark = pytest.mark.timeout(60)
@@ -277,3 +279,123 @@ async def test_a_refused_dial_is_logged_in_the_same_words_on_both_loops(caplog) 
             await asyncio.wait_for(reader.read(), 5)
         writer.close()
     assert f"dial 127.0.0.1:{absent}: connection refused" in caplog.text
+
+
+# -- the dial: callbacks, no Task ----------------------------------------------------------------
+
+def leave(writer: asyncio.StreamWriter) -> None:
+    """Close with a reset: a client gone (a FIN alone is a half-close that awaits an answer)."""
+    writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    writer.close()
+
+
+def silent_listener() -> tuple[socket.socket, list[socket.socket]]:
+    """A listener whose accept queue is full: it drops new SYNs, so a connect to it hangs."""
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(0)
+    fillers = []
+    for _ in range(2):
+        f = socket.socket()
+        f.setblocking(False)
+        f.connect_ex(silent.getsockname())
+        fillers.append(f)
+    return silent, fillers
+
+
+async def test_a_dial_under_way_is_no_task_and_a_leaving_client_cancels_it() -> None:
+    """The dial is driven by callbacks (a Task per connection cost more than the connect).
+    A client that leaves mid-dial stops it: no dial failure, nothing left behind."""
+    silent, fillers = silent_listener()
+    await asyncio.sleep(0.1)
+    try:
+        async with tcp_proxy(silent.getsockname()[1]) as server:
+            relay = server.relays[0]
+            tasks_before = asyncio.all_tasks()
+            reader, writer = await asyncio.open_connection("127.0.0.1", relay.port)
+            for _ in range(100):
+                if relay.dialing:
+                    break
+                await asyncio.sleep(0.01)
+            assert len(relay.dialing) == 1
+            assert asyncio.all_tasks() == tasks_before
+            leave(writer)
+            for _ in range(200):
+                if not relay.dialing and not relay.connections:
+                    break
+                await asyncio.sleep(0.01)
+            assert relay.dialing == {} and relay.connections == set()
+            assert relay.stats.dial_failures == 0 and relay.stats.active == 0
+    finally:
+        for f in fillers:
+            f.close()
+        silent.close()
+
+
+async def test_dial_retry_reaches_a_backend_that_starts_late() -> None:
+    """Refusals are retried on a timer until the container listens; early data waits."""
+    bport = free_port()
+    async with tcp_proxy(bport, "-dial-retry", "5s") as server:
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.relays[0].port)
+        writer.write(b"early")
+        writer.write_eof()
+        await asyncio.sleep(0.2)  # a few refusals
+        async def echo_all(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            w.write(await r.read())
+            await w.drain()
+            w.close()
+
+        late = await asyncio.start_server(echo_all, "127.0.0.1", bport)
+        try:
+            assert await asyncio.wait_for(reader.read(), 10) == b"early"
+        finally:
+            late.close()
+        writer.close()
+        assert server.relays[0].stats.dial_failures == 0
+
+
+async def test_a_client_leaving_between_retries_ends_the_dial_quietly() -> None:
+    bport = free_port()
+    async with tcp_proxy(bport, "-dial-retry", "5s") as server:
+        relay = server.relays[0]
+        reader, writer = await asyncio.open_connection("127.0.0.1", relay.port)
+        await asyncio.sleep(0.2)  # refused, waiting to retry
+        leave(writer)
+        for _ in range(200):
+            if not relay.connections:
+                break
+            await asyncio.sleep(0.01)
+        assert relay.connections == set() and relay.dialing == {}
+        await asyncio.sleep(0.6)  # past the next retry: it must not run
+        assert relay.stats.dial_failures == 0
+
+
+async def test_finished_connections_leave_no_cycles_for_the_gc() -> None:
+    """Relayed, refused and dial-failed connections are freed by reference counting alone:
+    what only the cyclic GC can free makes its passes longer (keep-alive tail latency)."""
+    gc.collect()
+    gc.disable()
+    try:
+        async with backend() as bport, tcp_proxy(bport) as server:
+            for _ in range(20):
+                assert await roundtrip("127.0.0.1", server.relays[0].port, b"x") == b"x"
+        async with tcp_proxy(free_port()) as server:  # refused: the dial fails
+            for _ in range(5):
+                reader, writer = await asyncio.open_connection("127.0.0.1", server.relays[0].port)
+                with pytest.raises(ConnectionResetError):
+                    await asyncio.wait_for(reader.read(), 5)
+                writer.close()
+        silent, fillers = silent_listener()  # the dial times out, then is cancelled
+        async with tcp_proxy(silent.getsockname()[1], "-dial-timeout", "200ms") as server:
+            reader, writer = await asyncio.open_connection("127.0.0.1", server.relays[0].port)
+            with pytest.raises(ConnectionResetError):
+                await asyncio.wait_for(reader.read(), 5)
+            writer.close()
+            assert server.relays[0].stats.dial_failures == 1
+        for f in [*fillers, silent]:
+            f.close()
+        await asyncio.sleep(0.1)
+        left = [o for o in gc.get_objects() if isinstance(o, (ClientSide, ContainerSide, Dial))]
+        assert left == []
+    finally:
+        gc.enable()

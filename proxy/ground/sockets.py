@@ -294,10 +294,18 @@ class Backoff:
         self.deadline = started + retry
         self.wait = RETRY_FIRST
 
+    def next_wait(self) -> float | None:
+        """Seconds to wait before the next attempt, or None if it would end past the deadline."""
+        wait = self.wait
+        if perf_counter() + wait > self.deadline:
+            return None
+        self.wait = min(wait * 2, RETRY_CAP)
+        return wait
+
     async def retry(self) -> bool:
         """Wait before the next attempt; False (at once) if it would end past the deadline."""
-        if perf_counter() + self.wait > self.deadline:
+        wait = self.next_wait()
+        if wait is None:
             return False
-        await asyncio.sleep(self.wait)
-        self.wait = min(self.wait * 2, RETRY_CAP)
+        await asyncio.sleep(wait)
         return True

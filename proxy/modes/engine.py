@@ -42,6 +42,7 @@ from typing import Any
 from proxy.ground import sdnotify
 from proxy.ground.config import Config, Mapping, ProcessOptions
 from proxy.ground.flags import UsageError, config_from_args, parse_args
+from proxy.ground.heap import freeze_startup
 from proxy.ground.listing import rows_from_stats
 from proxy.ground.logs import mapping_fields
 from proxy.ground.sockets import StartupError, go_strerror
@@ -289,6 +290,7 @@ class Engine:
         # READY=1 lets systemd start dockerd, and stop us: sent once the loop runs, with the
         # stop handlers (stop_requested, installed first thing in launch) in place.
         loop.call_soon(sdnotify.ready, f"serving {self.path}")
+        freeze_startup()
         stop = stop_requested()
         reload_wanted = asyncio.Event()
         loop.add_signal_handler(signal.SIGUSR2, reload_wanted.set)

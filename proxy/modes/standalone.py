@@ -10,6 +10,7 @@ import signal
 from typing import Any
 
 from proxy.ground.config import Config
+from proxy.ground.heap import freeze_startup
 from proxy.ground.logs import mapping_fields
 from proxy.ground.privileges import drop_to
 from proxy.ground.sockets import StartupError
@@ -68,6 +69,7 @@ class Standalone:
         for mapping in self.publication.published():
             log.info("serving %s", mapping, extra=mapping_fields(mapping))
         self.status.ready()
+        freeze_startup()  # after "ready": its few ms delay no one
         signum = await stop
         self._stop_metrics()
         drain = signum == signal.SIGTERM

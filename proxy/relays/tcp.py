@@ -14,7 +14,7 @@ import logging
 import socket
 import struct
 from time import perf_counter
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from proxy.ground import accesslog, proxyproto, transparent
 from proxy.ground.access import AllowList
@@ -27,6 +27,7 @@ from proxy.relays.splice import SPLICE_AFTER, SPLICE_MIN_READ, Splicer
 
 if TYPE_CHECKING:
     from asyncio import BaseTransport, Transport
+    from collections.abc import Coroutine
 
 log = logging.getLogger("pyproxy")
 
@@ -220,7 +221,7 @@ class ClientSide(_Side):
         self.listener = listener
         self.early: list[bytes] = []
         self.early_size = 0
-        self.dial: asyncio.Task[None] | None = None
+        self.dial: Dial | None = None
         self.dial_timed_out = False
 
     def connection_made(self, transport: BaseTransport) -> None:
@@ -243,7 +244,7 @@ class ClientSide(_Side):
             return self._refuse(accesslog.REFUSED_MAX_CONNS)
         listener.connections.add(self)
         stats.active += 1
-        self.dial = listener.loop.create_task(listener.dial(self))
+        listener.dial(self)
         if listener.debug:
             listener.log_event("accepted", transport)
 
@@ -420,13 +421,8 @@ class TcpListener:
                 client.dial.cancel()
         self._schedule_sweep()
 
-    async def dial(self, client: ClientSide) -> None:
+    def dial(self, client: ClientSide) -> None:
         """Connect to the container for `client`, retrying a refusal for up to -dial-retry."""
-        loop = self.loop
-        # perf_counter, not loop.time(): uvloop's clock ticks in whole milliseconds, and a dial
-        # on loopback or a bridge takes tens of microseconds (the histogram would see only 0).
-        started = perf_counter()
-        backoff = Backoff(started, self.dial_retry)
         header = None
         if self.proxy_protocol:
             t = client.transport
@@ -434,32 +430,17 @@ class TcpListener:
             header = proxyproto.header(
                 self.proxy_protocol, "tcp", t.get_extra_info("peername"), t.get_extra_info("sockname")
             )
-        dialing = self.dialing
-        try:
-            while True:
-                dialing[client] = loop.time()
-                try:
-                    await self._connect(client, header)
-                    break
-                except ConnectionRefusedError as exc:
-                    del dialing[client]  # not dialling while it waits to retry
-                    if not await backoff.retry():
-                        return self._dial_failed(client, exc)
-                except (OSError, ValueError) as exc:
-                    return self._dial_failed(client, exc)
-        except asyncio.CancelledError:
-            if not client.dial_timed_out:
-                raise  # the client left, or we are shutting down
-            return self._dial_failed(client, TimeoutError())
-        finally:
-            dialing.pop(client, None)
-        self.stats.observe_dial(perf_counter() - started)
+        client.dial = dial = Dial(self, client, header)
+        dial.attempt()
 
-    async def _connect(self, client: ClientSide, header: bytes | None) -> None:
-        loop = self.loop
+    def connect(self, client: ClientSide, header: bytes | None) -> Coroutine[Any, Any, Any]:
+        """One attempt at the container, as a coroutine for a Dial to drive."""
         if not self.transparent:
-            await loop.create_connection(lambda: ContainerSide(client, header), *self._backend)
-            return
+            return self.loop.create_connection(lambda: ContainerSide(client, header), *self._backend)
+        return self._connect_transparent(client, header)
+
+    async def _connect_transparent(self, client: ClientSide, header: bytes | None) -> None:
+        loop = self.loop
         # From the client's address: we make and bind the socket, the loop does the rest.
         # (IPPROTO_TCP, not 0: the standard loop sets TCP_NODELAY only on sockets that say TCP.)
         sock = socket.socket(self.mapping.backend_family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
@@ -474,7 +455,7 @@ class TcpListener:
             raise
         await loop.create_connection(lambda: ContainerSide(client, header), sock=sock)
 
-    def _dial_failed(self, client: ClientSide, exc: BaseException) -> None:
+    def dial_failed(self, client: ClientSide, exc: BaseException) -> None:
         self.stats.dial_failures += 1
         reason = dial_error(exc)
         if isinstance(exc, TimeoutError) and self.transparent:
@@ -488,3 +469,112 @@ class TcpListener:
                     extra={**mapping_fields(self.mapping), "client": peer, "reason": reason})
         if client.transport is not None:
             reset(client.transport)
+
+
+class Dial:
+    """One client's dial of the container, driven by callbacks rather than a Task.
+
+    A Task and a coroutine of our own per connection cost more than the connect itself (the
+    Task registers in asyncio's WeakSet of all tasks, and schedules its steps); so the loop's
+    create_connection() coroutine is stepped here directly: sent into once, then again each
+    time the future it waits on is done, exactly as a Task would. Refusals are retried on a
+    timer (-dial-retry); -dial-timeout's sweeper and a client that leaves call cancel().
+    """
+
+    __slots__ = ("listener", "client", "header", "started", "backoff", "coro", "waiting",
+                 "timer", "finished", "cancelling")
+
+    def __init__(self, listener: TcpListener, client: ClientSide, header: bytes | None) -> None:
+        self.listener = listener
+        self.client = client
+        self.header = header
+        # perf_counter, not loop.time(): uvloop's clock ticks in whole milliseconds, and a dial
+        # on loopback or a bridge takes tens of microseconds (the histogram would see only 0).
+        self.started = perf_counter()
+        self.backoff: Backoff | None = None  # made at the first refusal
+        self.coro: Coroutine[Any, Any, Any] | None = None
+        self.waiting: asyncio.Future[Any] | None = None  # what the attempt waits on
+        self.timer: asyncio.TimerHandle | None = None  # the wait before a retry
+        self.finished = False
+        self.cancelling = False
+
+    def done(self) -> bool:
+        return self.finished
+
+    def attempt(self) -> None:
+        listener = self.listener
+        self.timer = None
+        listener.dialing[self.client] = listener.loop.time()
+        self.coro = listener.connect(self.client, self.header)
+        self.step()
+
+    def step(self, waited: object = None) -> None:
+        """Run the attempt up to its next wait, or to its end."""
+        coro = self.coro
+        assert coro is not None
+        self.waiting = None
+        try:
+            waits = coro.throw(asyncio.CancelledError()) if self.cancelling else coro.send(None)
+        except StopIteration:
+            self.end()
+            self.listener.stats.observe_dial(perf_counter() - self.started)
+        except ConnectionRefusedError as exc:
+            self.refused(exc)
+        except asyncio.CancelledError:
+            self.cancelled()
+        except (OSError, ValueError) as exc:
+            self.end()
+            self.listener.dial_failed(self.client, exc)
+        except BaseException:
+            self.end()
+            raise
+        else:
+            if waits is None:  # a bare yield: asks to be resumed on the next iteration
+                self.listener.loop.call_soon(self.step)
+            else:
+                self.waiting = waits
+                waits.add_done_callback(self.step)
+        finally:
+            # A failed attempt's exception holds this frame (in its traceback), and both the
+            # coroutine and the future it waited on hold the exception: dropped here, or
+            # they make a cycle with it that only the cyclic GC would free.
+            del coro, waited
+
+    def refused(self, exc: ConnectionRefusedError) -> None:
+        listener = self.listener
+        listener.dialing.pop(self.client, None)  # not dialling while it waits to retry
+        self.coro = None
+        if self.backoff is None:
+            self.backoff = Backoff(self.started, listener.dial_retry)
+        wait = self.backoff.next_wait()
+        if wait is None:
+            self.end()
+            listener.dial_failed(self.client, exc)
+        else:
+            self.timer = listener.loop.call_later(wait, self.attempt)
+
+    def cancel(self) -> None:
+        """Stop dialling: the client left, we shut down, or the sweeper says it timed out."""
+        if self.finished:
+            return
+        if self.timer is not None:  # between attempts
+            self.timer.cancel()
+            self.cancelled()
+            return
+        self.cancelling = True
+        if self.waiting is not None:
+            self.waiting.cancel()  # its done callback throws into the attempt, which cleans up
+
+    def cancelled(self) -> None:
+        self.end()
+        if self.client.dial_timed_out:
+            self.listener.dial_failed(self.client, TimeoutError())
+
+    def end(self) -> None:
+        self.finished = True
+        self.coro = self.waiting = self.timer = None
+        client = self.client
+        self.listener.dialing.pop(client, None)
+        # Drop the client's reference back to us: a cycle would leave both (and the client's
+        # transport) to the cyclic GC, whose passes grow with what they find (tail latency).
+        client.dial = None
