@@ -38,7 +38,6 @@ import os
 import stat
 import sys
 import time  # built in, like the C modules
-from collections.abc import Sequence
 
 from proxy.ground.statuspipe import StatusPipe  # os and stat only
 from proxy.ground.wire import (
@@ -51,6 +50,10 @@ from proxy.ground.wire import (
     pyproxy_command,
     unframe,
 )
+
+TYPE_CHECKING = False  # not typing's: see proxy.ground.wire (start-up cost)
+if TYPE_CHECKING:
+    from collections.abc import Sequence
 
 # The waiter's shell, found at run time: the smallest POSIX shell there is (dash on Debian
 # and Ubuntu, busybox on Alpine, bash as /bin/sh on Fedora, RHEL and Arch).

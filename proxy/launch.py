@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Callable, Coroutine, Sequence
-from typing import TYPE_CHECKING, Any
 
 from proxy.ground.statuspipe import LISTEN_FD, StatusPipe
 from proxy.ground.wire import engine_socket_path
@@ -26,7 +24,11 @@ from proxy.handover import (
     reattach,
 )
 
+TYPE_CHECKING = False  # not typing's: see proxy.ground.wire (start-up cost)
 if TYPE_CHECKING:
+    from collections.abc import Callable, Coroutine, Sequence
+    from typing import Any
+
     from proxy.ground.config import Config
 
 # Flags answered locally, without an engine.

@@ -435,7 +435,9 @@ def reattaching(pid: int) -> bool:
 
     try:
         with open(f"/proc/{pid}/cmdline") as f:
-            if REATTACH_FLAG not in f.read():
+            # Its own argv word: the waiter shell's -c script names the flag too, and a stop
+            # signal sent while the shell is still there, or exec'ing, is not what is tested.
+            if not any(arg.startswith(REATTACH_FLAG) for arg in f.read().split("\0")):
                 return False
         with open(f"/proc/{pid}/status") as f:
             caught = next(line for line in f if line.startswith("SigCgt:"))

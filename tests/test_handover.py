@@ -297,3 +297,19 @@ def test_the_installed_command_is_the_lean_launcher():
     done = subprocess.run([sys.executable, launcher, "-v"], cwd=REPO, capture_output=True,
                           timeout=30, check=False)
     assert done.returncode == 0 and done.stdout.startswith(b"pyproxy version ")
+
+
+# What importing the handover path may load beyond what the interpreter already has: C
+# modules and pyproxy's own import-light ones. typing (re, enum) or collections.abc
+# (collections, operator) here cost ~8 ms of every spawn's time to "0\n".
+HANDOVER_PATH_IMPORTS = {"__future__", "_signal", "_socket", "time"}
+
+
+def test_the_handover_path_imports_nothing_heavy():
+    probe = ("import sys; before = set(sys.modules); import proxy.launch; "
+             "print(' '.join(sorted(set(sys.modules) - before)))")
+    done = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True,
+                          timeout=30, check=True)
+    added = set(done.stdout.decode().split())
+    assert {name for name in added if name != "proxy" and not name.startswith("proxy.")} \
+        <= HANDOVER_PATH_IMPORTS, added
