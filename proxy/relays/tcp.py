@@ -276,12 +276,12 @@ class ClientSide(_Side):
         self.stats.bytes_from_client += size
 
     def eof_received(self) -> bool:
-        if self.record is not None:
-            self.record.ended(accesslog.CLIENT_FIN)
         if self.peer is None:
+            if self.record is not None:
+                self.record.ended(accesslog.CLIENT_FIN)
             self.eof = True  # delivered after the early data once the backend is connected
             return True
-        return super().eof_received()
+        return super().eof_received()  # ended() says client-fin
 
     def connected(self, container: ContainerSide, header: bytes | None) -> None:
         """The backend answered: flush what the client sent meanwhile, then relay directly."""
