@@ -280,6 +280,20 @@ async def test_ipv6_client_is_bracketed(access: Lines) -> None:
     assert entry["frontend"] == f"[::1]:{port}" and entry["backend"] == f"[::1]:{bport}"
 
 
+async def test_wildcard_listener_names_the_address_reached(access: Lines) -> None:
+    """A specific listener's frontend is formatted once; a wildcard's is each socket's own."""
+    async with held_backend() as (bport, conns), tcp_proxy(bport, host_ip="0.0.0.0") as server:
+        port = server.relays[0].port
+        reader, writer = await asyncio.open_connection("127.0.0.2", port)
+        writer.write_eof()
+        _, bwriter = await conns.get()
+        bwriter.close()
+        assert await reader.read() == b""
+        writer.close()
+        entry = await access.next()
+    assert entry["frontend"] == f"127.0.0.2:{port}" and entry["client"].startswith("127.0.0.1:")
+
+
 async def test_byte_counts_exact_through_splice(access: Lines) -> None:
     """Both ways large enough to switch to splice: the kernel's counts are still exact."""
     up = os.urandom(SPLICE_MIN_READ * SPLICE_AFTER * 8 + 12345)
@@ -337,6 +351,79 @@ async def test_udp_flow_eviction_and_shutdown(access: Lines) -> None:
                 assert (evicted["bytes_from_client"], evicted["bytes_from_backend"]) == (1, 4)
         stopped = await access.next()
     assert stopped["end"] == "shutdown" and stopped["proto"] == "udp"
+
+
+# -- formatting and writing, without a proxy -------------------------------------------------------
+
+
+def _closed_record(log: AccessLog, lasted: float) -> accesslog.Record:
+    r = log.open("tcp", ("127.0.0.1", 40000), "127.0.0.1:8080", "172.17.0.2:80")
+    r.ended(accesslog.CLIENT_FIN)
+    r.from_client, r.from_backend, r.closed = 12, 3456, r.started + lasted
+    return r
+
+
+@pytest.mark.parametrize(("lasted", "shown"), [(0.0004, "0.000s"), (61.0006, "61.001s"),
+                                               (2.9996, "3.000s"), (0.25, "0.250s")])
+def test_text_line_rounds_duration_to_the_millisecond(tmp_path: Path, lasted: float,
+                                                       shown: str) -> None:
+    log = AccessLog(str(tmp_path / "a.log"), "text")
+    try:
+        line = log.format(_closed_record(log, lasted), 1_700_000_000.9996)
+    finally:
+        log.handler.close()
+    # The time's milliseconds are cut (never rounded up into the next second), as before.
+    assert line == ("2023-11-14T22:13:20.999Z tcp 127.0.0.1:40000 127.0.0.1:8080 172.17.0.2:80 "
+                    f"12 3456 {shown} client-fin")
+
+
+def test_json_line_is_json_dumps_own(tmp_path: Path) -> None:
+    """The JSON line is written by hand; it must be what json.dumps makes of its fields."""
+    log = AccessLog(str(tmp_path / "a.log"), "json")
+    try:
+        r = _closed_record(log, 0.1234567)
+        r.client = "[fe80::1%we\"ird\\]:1"  # an interface name may hold what JSON escapes
+        r.ended(accesslog.BACKEND_ERROR, 'no route "to"\nhost \u00e9')
+        line = log.format(r, 1_700_000_000.5)
+    finally:
+        log.handler.close()
+    fields = json.loads(line)
+    assert line == json.dumps(fields)
+    assert tuple(fields) == FIELDS and fields["client"] == r.client
+    assert fields["error"] == r.error and fields["duration"] == 0.123457
+
+
+async def test_a_batch_is_one_write_with_each_line_its_own(tmp_path: Path) -> None:
+    """Lines are formatted when their batch is flushed, each with its own close's duration."""
+    path = tmp_path / "a.log"
+    log = AccessLog(str(path), "json")
+    try:
+        for lasted in (1.5, 0.25):
+            record = _closed_record(log, 0)
+            record.started -= lasted  # its close is now, when it is written
+            log.write(record)
+        assert not path.read_text()  # nothing until the batch is flushed
+        written = Lines(path)
+        lines = [await written.next(), await written.next()]
+    finally:
+        log.handler.close()
+    assert 1.5 <= lines[0]["duration"] < 6 and 0.25 <= lines[1]["duration"] < 1.5
+    assert all(line["end"] == "client-fin" and line["bytes_from_backend"] == 3456
+               for line in lines)
+
+
+def test_a_failing_write_is_said_once(capsys: pytest.CaptureFixture[str]) -> None:
+    """/dev/full: every batch fails with ENOSPC; said once on stderr, no traceback."""
+    log = AccessLog("/dev/full", "text")
+    try:
+        for _ in range(3):
+            log.write(_closed_record(log, 0.1))  # no running loop: each is flushed at once
+    finally:
+        with contextlib.suppress(OSError):  # what is still buffered fails again
+            log.handler.close()
+    err = capsys.readouterr().err
+    assert err.count("cannot write") == 1 and "Traceback" not in err, err
+    assert "-access-log /dev/full: cannot write: No space left on device" in err
 
 
 # -- the flag, end to end (subprocesses) ---------------------------------------------------------

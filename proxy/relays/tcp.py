@@ -138,7 +138,7 @@ class _Side(asyncio.Protocol):
         """Access log: what arrived on this socket (the kernel's count: spliced bytes too),
         and how it failed if it did; the line is written once both sockets are closed."""
         sock = self.transport.get_extra_info("socket")  # type: ignore[union-attr]
-        count = accesslog.bytes_received(sock, self.eof)
+        count = accesslog.bytes_received(sock.fileno() if sock is not None else -1, self.eof)
         if self.FROM_CLIENT:
             record.from_client = count
         else:
@@ -232,7 +232,7 @@ class ClientSide(_Side):
         if listener.access is not None:
             self.record = listener.access.open(
                 listener.mapping.proto, transport.get_extra_info("peername"),
-                transport.get_extra_info("sockname"),
+                listener.frontend_text or transport.get_extra_info("sockname"),
                 listener.backend_text)
         if listener.allow:
             client = transport.get_extra_info("peername")
@@ -276,12 +276,12 @@ class ClientSide(_Side):
         self.stats.bytes_from_client += size
 
     def eof_received(self) -> bool:
-        if self.record is not None:
-            self.record.ended(accesslog.CLIENT_FIN)
         if self.peer is None:
+            if self.record is not None:
+                self.record.ended(accesslog.CLIENT_FIN)
             self.eof = True  # delivered after the early data once the backend is connected
             return True
-        return super().eof_received()
+        return super().eof_received()  # ended() says client-fin
 
     def connected(self, container: ContainerSide, header: bytes | None) -> None:
         """The backend answered: flush what the client sent meanwhile, then relay directly."""
@@ -343,6 +343,9 @@ class TcpListener:
         self.idle_timeout = config.idle_timeout
         self.access = accesslog.current  # None: off
         self.backend_text = mapping.backend()  # for its lines, formatted once
+        # The frontend as the access log writes it, when every client reaches the same address
+        # (not a wildcard listener): formatted once in start(), not asked of each socket.
+        self.frontend_text = ""
         # Said once here, so that without -log-level debug a connection pays one attribute test.
         self.debug = log.isEnabledFor(logging.DEBUG)
         self.connections: set[ClientSide] = set()
@@ -370,6 +373,10 @@ class TcpListener:
     async def start(self, sock: socket.socket, *, adopted: bool = False) -> None:
         # Kept: asyncio.get_running_loop() costs a getpid() system call on every call.
         self.loop = asyncio.get_running_loop()
+        if self.access is not None:
+            bound = sock.getsockname()
+            if bound[0] not in ("0.0.0.0", "::"):
+                self.frontend_text = accesslog.hostport(bound)
         # create_server listens again; without our backlog it would shrink the queue to 100.
         self._server = await self.loop.create_server(lambda: ClientSide(self), sock=sock,
                                                      backlog=BACKLOG)
