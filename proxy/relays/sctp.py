@@ -22,11 +22,11 @@ import struct
 from time import perf_counter
 
 from proxy.ground import accesslog
-from proxy.ground.access import AllowList
 from proxy.ground.config import Mapping, RelayOptions
 from proxy.ground.logs import mapping_fields
 from proxy.ground.sockets import Backoff, abort, dial_error, go_strerror, set_buffer_size
 from proxy.ground.stats import MappingStats
+from proxy.relays.base import StreamListener
 from proxy.relays.idle import IdleSweeper
 
 log = logging.getLogger("pyproxy")
@@ -306,26 +306,14 @@ class LoggedAssociation(Association):
             self.record.from_backend += size  # type: ignore[union-attr]
 
 
-class SctpListener:
+class SctpListener(StreamListener):
     """Serves one SCTP mapping: accepts associations, dials the container for each, relays."""
 
     def __init__(self, mapping: Mapping, port: int, config: RelayOptions, stats: MappingStats) -> None:
-        self.mapping = mapping
-        self.port = port
-        self.stats = stats
-        self.allow = AllowList(config.allow)
-        self.max_conns = config.max_conns
-        self.dial_timeout = config.dial_timeout
-        self.dial_retry = config.dial_retry
-        self.idle_timeout = config.idle_timeout
-        self.access = accesslog.current  # None: off
-        self.debug = log.isEnabledFor(logging.DEBUG)  # said once: see TcpListener
+        super().__init__(mapping, port, config, stats)
         self.connections: set[Association] = set()
-        self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]  # set in start()
-        self._backend = mapping.backend_address
         self._sock: socket.socket | None = None
         self._paused: asyncio.TimerHandle | None = None
-        self._idle: IdleSweeper | None = None
 
     @property
     def open_count(self) -> int:

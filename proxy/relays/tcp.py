@@ -17,11 +17,11 @@ from time import perf_counter
 from typing import TYPE_CHECKING, Any, cast
 
 from proxy.ground import accesslog, proxyproto, transparent
-from proxy.ground.access import AllowList
 from proxy.ground.config import Mapping, RelayOptions
 from proxy.ground.logs import mapping_fields
 from proxy.ground.sockets import BACKLOG, Backoff, dial_error, reset, set_keepalive
 from proxy.ground.stats import MappingStats
+from proxy.relays.base import StreamListener
 from proxy.relays.idle import IdleSweeper
 from proxy.relays.splice import SPLICE_AFTER, SPLICE_MIN_READ, Splicer
 
@@ -327,35 +327,22 @@ class ClientSide(_Side):
                 side.transport.abort()
 
 
-class TcpListener:
+class TcpListener(StreamListener):
     """Serves one TCP mapping: accepts clients, dials the container for each, relays."""
 
     def __init__(self, mapping: Mapping, port: int, config: RelayOptions, stats: MappingStats) -> None:
-        self.mapping = mapping
-        self.port = port
-        self.stats = stats
-        self.allow = AllowList(config.allow)
-        self.max_conns = config.max_conns
+        super().__init__(mapping, port, config, stats)
         self.proxy_protocol = config.proxy_protocol
-        self.dial_timeout = config.dial_timeout
-        self.dial_retry = config.dial_retry
         self.transparent = config.transparent
-        self.idle_timeout = config.idle_timeout
-        self.access = accesslog.current  # None: off
         self.backend_text = mapping.backend()  # for its lines, formatted once
         # The frontend as the access log writes it, when every client reaches the same address
         # (not a wildcard listener): formatted once in start(), not asked of each socket.
         self.frontend_text = ""
-        # Said once here, so that without -log-level debug a connection pays one attribute test.
-        self.debug = log.isEnabledFor(logging.DEBUG)
         self.connections: set[ClientSide] = set()
         # Dials under way, by when their current attempt began; oldest first (see _sweep_dials).
         self.dialing: dict[ClientSide, float] = {}
-        self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]  # set in start()
-        self._backend = mapping.backend_address
         self._server: asyncio.AbstractServer | None = None
         self._sweeper: asyncio.TimerHandle | None = None
-        self._idle: IdleSweeper | None = None
 
     @property
     def open_count(self) -> int:

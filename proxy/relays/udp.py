@@ -22,12 +22,12 @@ from typing import Any
 from attrs import define
 
 from proxy.ground import accesslog, proxyproto, transparent
-from proxy.ground.access import AllowList
 from proxy.ground.budget import FlowBudget, process_budget
 from proxy.ground.config import Mapping, RelayOptions
 from proxy.ground.logs import Throttle, mapping_fields
 from proxy.ground.sockets import go_strerror, set_buffer_size
 from proxy.ground.stats import MappingStats
+from proxy.relays.base import RelayBase
 
 log = logging.getLogger("pyproxy")
 
@@ -104,27 +104,20 @@ def enable_pktinfo(sock: socket.socket) -> None:
         sock.setsockopt(socket.IPPROTO_IP, IP_PKTINFO, 1)
 
 
-class UdpRelay:
+class UdpRelay(RelayBase):
     """Serves one UDP mapping."""
 
     def __init__(self, mapping: Mapping, port: int, config: RelayOptions, stats: MappingStats,
                  budget: FlowBudget | None = None) -> None:
-        self.mapping = mapping
-        self.port = port
-        self.stats = stats
+        super().__init__(mapping, port, config, stats)
         self.timeout = config.udp_timeout
         self.flows = FlowTable(config.udp_max_flows)
         self.budget = budget if budget is not None else process_budget()
         # A flood fails the same way for every new client: a line per mapping now and then.
         self._no_flow_log = Throttle()
         self._budget_log = Throttle()
-        self.allow = AllowList(config.allow)
         self.proxy_protocol = config.proxy_protocol
         self.transparent = config.transparent
-        self.access = accesslog.current  # None: off
-        # Said once here: without -log-level debug a new or ended flow pays one attribute test.
-        self.debug = log.isEnabledFor(logging.DEBUG)
-        self._backend = mapping.backend_address
         self._backend_family = mapping.backend_family
         self._loop: asyncio.AbstractEventLoop | None = None
         self._sock: socket.socket | None = None
