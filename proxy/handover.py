@@ -389,9 +389,26 @@ def _exchange(engine: _socket.socket, argv: Sequence[str], fds: Sequence[int],
     return code, body, received
 
 
+# The engine connection once it answered 0, until the waiter's trap takes over (see _stop_now).
+_answered: _socket.socket | None = None
+STOP_TIMEOUT = 2.0  # for the engine's "ok" to a stop, as the waiter's `read -r ack` waits
+
+
 def _stop_now(signum: int, frame: object) -> None:
     # Until the server's own handlers or the waiter's trap take over: nothing is on fd 3 yet,
-    # so just go; an engine sees the connection close and releases what it opened.
+    # so just go. Once an engine has answered 0, first ask it to release the port, as the
+    # trap does: then the port is free when this process is gone, not some time after the
+    # engine notices the connection closed (a re-attaching waiter is stopped by dockerd
+    # with no status pipe to tell it anything else).
+    engine = _answered
+    if engine is not None:
+        try:
+            engine.settimeout(STOP_TIMEOUT)
+            engine.sendall(b"stop\n")
+            while (answer := engine.recv(64)) and b"ok" not in answer:
+                pass
+        except OSError:
+            pass  # the engine is gone: its copies are closed with it
     os._exit(0)
 
 
@@ -442,6 +459,8 @@ def _become_waiter(shell: str, engine: _socket.socket, lines: str, answers_fd3: 
                    held: Sequence[int], argv: Sequence[str]) -> str:
     """Exec the waiter: the engine connection on fds 0 and 1, the held sockets where they
     are. Returns only if the exec failed: why."""
+    global _answered
+    _answered = engine  # from here a stop signal asks the engine to release first
     for fd in held:
         os.set_inheritable(fd, True)
     os.dup2(engine.fileno(), 0)
