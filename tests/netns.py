@@ -89,5 +89,8 @@ class Lab:
             if proc.poll() is None:
                 proc.kill()
             proc.wait()
+            for stream in (proc.stdin, proc.stdout, proc.stderr):  # a PIPE a test asked for
+                if stream is not None:
+                    stream.close()
         for h in self.hosts:
             subprocess.run(["ip", "netns", "del", h.name], capture_output=True)
