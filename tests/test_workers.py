@@ -278,3 +278,19 @@ def test_engine_killed_then_restarted_with_workers_reattaches(tmp_path, proxy_lo
     finally:
         engine.stop(signal.SIGINT)
         backend.close()
+
+
+def test_sighup_to_the_engine_reopens_its_workers_logs_too(tmp_path, proxy_loop_env):
+    """logrotate moves the file and signals the engine: the workers' lines go to the new one."""
+    path, log = str(tmp_path / "engine.sock"), tmp_path / "engine.log"
+    engine, _ = start_engine(path, proxy_loop_env, "-log-file", str(log), "-log-level", "debug")
+    try:
+        spawn_via(path, docker_args(free_port(), 9))
+        until(lambda: "engine worker" in log.read_text(), within=5)
+        log.rename(tmp_path / "engine.log.1")
+        engine.proc.send_signal(signal.SIGHUP)
+        time.sleep(0.5)
+        spawn_via(path, docker_args(free_port(), 9))
+        until(lambda: log.exists() and log.read_text().count("engine worker") == 2, within=5)
+    finally:
+        engine.stop(signal.SIGINT)

@@ -41,6 +41,7 @@ from typing import Any
 import attrs
 
 from proxy.ground.flags import config_from_args, parse_args
+from proxy.ground.logs import reopen_log_file
 from proxy.ground.sockets import StartupError, go_strerror
 from proxy.ground.stats import EngineStats, MappingStats
 from proxy.ground.wire import MAX_HELD, pyproxy_command
@@ -203,6 +204,8 @@ class WorkerPool:
                       exc if not isinstance(exc, OSError) else go_strerror(exc))
             await self.close(0.0)
             return False
+        # logrotate signals the engine alone: its workers write to the same files
+        self._loop.add_signal_handler(signal.SIGHUP, self._reopen_logs)
         for slot in self.slots:
             slot.serving.set()
             self._track(self._loop.create_task(self._watch(slot)))
@@ -210,6 +213,15 @@ class WorkerPool:
         log.info("engine: %d workers serving (pids %s)", len(self.slots),
                  ", ".join(str(slot.pid) for slot in self.slots))
         return True
+
+    def _reopen_logs(self) -> None:
+        reopen_log_file()
+        for slot in self.slots:
+            if slot.channel is not None:
+                try:
+                    os.kill(slot.pid, signal.SIGHUP)
+                except ProcessLookupError:
+                    pass  # dying: its successor opens the file afresh
 
     def _track(self, task: asyncio.Task[None]) -> None:
         self._tasks.add(task)
