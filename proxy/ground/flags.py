@@ -67,6 +67,12 @@ def _parse_count(text: str) -> int:
     return int(text)
 
 
+def _parse_workers(text: str) -> int:
+    if not is_decimal(text) or int(text) < 1:
+        raise ValueError("not a whole number of at least 1")
+    return int(text)
+
+
 def _parse_proxy_protocol(text: str) -> int:
     versions = {"v1": 1, "1": 1, "v2": 2, "2": 2}
     if text not in versions:
@@ -240,6 +246,9 @@ def build_parser() -> argparse.ArgumentParser:
          metavar="PATH")
     flag("engine-idle-exit", parse_duration, _default("engine_idle_exit"),
          "with -engine: exit once no mapping has been held for D (0: never)", metavar="D")
+    flag("workers", _parse_workers, _default("workers"),
+         "with -engine: worker processes that serve the mappings (default: the CPUs the "
+         "engine may run on; 1: serve in the engine's own process)", metavar="N")
     flag("drain-timeout", parse_duration, _default("drain_timeout"),
          "on SIGTERM, let open connections finish for up to D (default: 0, exit at once)",
          metavar="D")
@@ -353,6 +362,8 @@ def config_from_args(args: argparse.Namespace) -> Config:
         _check_engine_socket(args.engine_socket)
     if args.engine_idle_exit and not args.engine:
         raise UsageError("argument -engine-idle-exit: only with -engine")
+    if args.workers and not args.engine:
+        raise UsageError("argument -workers: only with -engine")
     if not mappings and not args.engine:
         raise UsageError("nothing to publish: give -host-port and -container-port, or -p")
     if args.use_listen_fd and len(mappings) != 1:

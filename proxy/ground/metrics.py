@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import platform
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from collections.abc import Mapping as MappingType
 from typing import Any
 
@@ -39,11 +39,15 @@ class StatsCollector(Collector):
     """Turns every mapping's MappingStats into metric families, when scraped."""
 
     def __init__(self, stats: MappingType[Mapping, MappingStats],
-                 engine: EngineStats | None = None) -> None:
+                 engine: EngineStats | None = None,
+                 refresh: Callable[[], None] | None = None) -> None:
         self._stats = stats
         self._engine = engine  # the engine's own counters; None outside the engine
+        self._refresh = refresh  # brings `stats` up to date first (an engine's workers' sums)
 
     def collect(self) -> Iterator[Metric]:
+        if self._refresh is not None:
+            self._refresh()
         def counter(name: str, doc: str, extra: list[str] | None = None) -> CounterMetricFamily:
             return CounterMetricFamily(f"pyproxy_{name}", doc, labels=LABELS + (extra or []))
 
@@ -121,14 +125,31 @@ class StatsCollector(Collector):
                 "after the engine serving them went away (their open connections are not "
                 "counted: they were lost with that engine)",
                 value=self._engine.reattached_mappings)
+            yield CounterMetricFamily(
+                "pyproxy_worker_restarts",
+                "engine worker processes that died and were started again",
+                value=self._engine.worker_restarts)
+            yield CounterMetricFamily(
+                "pyproxy_worker_connections_lost",
+                "TCP connections, SCTP associations and UDP flows that were open on an engine "
+                "worker when it died (as of its last report)",
+                value=self._engine.worker_connections_lost)
+            per_worker = CounterMetricFamily(
+                "pyproxy_worker_connections_accepted",
+                "TCP connections (SCTP associations) accepted, by engine worker slot (a "
+                "restarted worker keeps its slot)", labels=["worker"])
+            for slot, count in sorted(self._engine.worker_accepted.items()):
+                per_worker.add_metric([str(slot)], count)
+            yield per_worker
 
 
 def make_registry(stats: MappingType[Mapping, MappingStats],
-                  engine: EngineStats | None = None) -> CollectorRegistry:
+                  engine: EngineStats | None = None,
+                  refresh: Callable[[], None] | None = None) -> CollectorRegistry:
     """A fresh registry with our collector, the process metrics (CPU, memory, fds), and
     pyproxy_build_info (so a dashboard can tell which version serves)."""
     registry = CollectorRegistry()
-    registry.register(StatsCollector(stats, engine))
+    registry.register(StatsCollector(stats, engine, refresh))
     ProcessCollector(registry=registry)
     Info("pyproxy_build", "the pyproxy version serving, and its Python", registry=registry).info(
         {"version": __version__, "python": platform.python_version()})
@@ -136,11 +157,13 @@ def make_registry(stats: MappingType[Mapping, MappingStats],
 
 
 def start_metrics(addr: tuple[str, int], stats: MappingType[Mapping, MappingStats],
-                  engine: EngineStats | None = None) -> Any:
+                  engine: EngineStats | None = None,
+                  refresh: Callable[[], None] | None = None) -> Any:
     """The /metrics endpoint over `stats` (read at scrape time), served by prometheus-client's
     HTTP server in its own thread; returns that server. StartupError if it can't listen."""
     try:
-        server, _ = start_http_server(addr[1], addr=addr[0], registry=make_registry(stats, engine))
+        server, _ = start_http_server(addr[1], addr=addr[0], registry=make_registry(stats, engine,
+                                                                                 refresh))
     except OSError as exc:
         where = f"metrics: listen tcp {format_hostport(addr[0], addr[1])}"
         raise StartupError(f"{where}: bind: {go_strerror(exc)}") from None

@@ -59,3 +59,9 @@ class EngineStats:
 
     # mappings a waiter registered again after the engine before this one went away
     reattached_mappings: int = 0
+    # With worker processes (proxy.modes.workers): workers that died and were started again,
+    # the connections and UDP flows they had open (lost with them), and the TCP connections
+    # (SCTP associations) each worker slot accepted, dead ones' included.
+    worker_restarts: int = 0
+    worker_connections_lost: int = 0
+    worker_accepted: dict[int, int] = Factory(dict)

@@ -61,6 +61,7 @@ from proxy.ground.wire import (
 )
 from proxy.modes.publication import Publication
 from proxy.modes.signals import stop_requested
+from proxy.modes.workers import WorkerPool, default_count
 
 log = logging.getLogger("pyproxy")
 
@@ -88,6 +89,7 @@ _ENGINE_WIDE = {
     "user": "it would change the user of every mapping; run the engine as that user",
     "engine": "this is an engine already",
     "engine_idle_exit": "it is how long the engine itself lives; give it to `pyproxy -engine`",
+    "workers": "the engine's workers serve every mapping; give -workers to `pyproxy -engine`",
 }
 _STANDALONE_HINT = "; to serve it in its own process, run it with PYPROXY_ENGINE_SOCKET= (empty)"
 
@@ -143,9 +145,9 @@ async def receive_request(conn: socket.socket, fds: list[int]) -> bytes:
     return payload
 
 
-def _config_for(request: bytes) -> tuple[Config, bool]:
-    """The Config a registration (or re-attach: True) asks for; UsageError (or WireError) if
-    the engine can't serve it."""
+def _config_for(request: bytes) -> tuple[Config, bool, list[str]]:
+    """The Config a registration (or re-attach: True) asks for, and its argv; UsageError (or
+    WireError) if the engine can't serve it."""
     argv, reattach = decode_request(request)
     args = parse_args(argv)
     if args.help or args.version:
@@ -156,7 +158,7 @@ def _config_for(request: bytes) -> tuple[Config, bool]:
         if getattr(config, name) != getattr(_PROCESS_DEFAULTS, name):
             raise UsageError(f"argument -{name.replace('_', '-')}: not through the engine "
                              f"({why}){_STANDALONE_HINT}")
-    return config, reattach
+    return config, reattach, list(argv)
 
 
 def _unsafe_directory(directory: str) -> str | None:
@@ -198,6 +200,7 @@ class Engine:
         self._socket_id: tuple[int, int] | None = None  # (st_dev, st_ino) of the socket we made
         self._last_busy = 0.0  # loop time when the last registration ended (-engine-idle-exit)
         self._became_idle: asyncio.Future[None] | None = None
+        self.pool: WorkerPool | None = None  # the worker processes, if any (-workers)
 
     def _listen(self) -> socket.socket:
         where = f"engine: -engine-socket {self.path}"
@@ -269,12 +272,25 @@ class Engine:
 
             try:
                 self._metrics = start_metrics(self.config.metrics_addr, self.stats,
-                                              self.engine_stats)
+                                              self.engine_stats, self._refresh_from_thread)
             except StartupError:
                 listener.close()
                 self._unlink_own_socket()
                 raise
         return listener
+
+    def _refresh_from_thread(self) -> None:
+        if self.pool is not None:
+            self.pool.refresh_from_thread()
+
+    async def _start_workers(self) -> None:
+        """-workers N (N > 1): the worker processes; if they cannot start, serve here."""
+        count = self.config.workers or default_count()
+        if count <= 1:
+            return
+        pool = WorkerPool(count, sys.argv[1:], self.engine_stats)
+        if await pool.start():
+            self.pool = pool
 
     async def serve(self, status: StatusPipe) -> int:
         try:
@@ -283,6 +299,12 @@ class Engine:
             log.error("cannot start: %s", exc)
             status.fail(str(exc))
             return 1
+        try:
+            await self._start_workers()  # before the first mapping, and before "0"
+        except BaseException:
+            listener.close()
+            self._unlink_own_socket()
+            raise
         status.ready()
         print(f"pyproxy engine serving {self.path} (pid {os.getpid()})", flush=True)
         log.info("engine serving %s (pid %d)", self.path, os.getpid(), extra={"socket": self.path})
@@ -323,6 +345,8 @@ class Engine:
                 # The waiters re-attach to the new engine; what is open here may finish.
                 await asyncio.gather(*(publication.close(self.config.drain_timeout)
                                        for publication in list(self.publications)))
+                if self.pool is not None:
+                    await self.pool.close(self.config.drain_timeout)
                 log.info("engine reloaded; this one (pid %d) is done", os.getpid())
                 return 0
             try:
@@ -336,6 +360,8 @@ class Engine:
                 break
         for publication in list(self.publications):
             await publication.close()
+        if self.pool is not None:
+            await self.pool.close(0.0)
         log.info("engine stopped; released %d mapping(s)", len(self.publications))
         return 0
 
@@ -388,6 +414,8 @@ class Engine:
                  self.path, len(self.publications))
         for publication in self.publications:
             publication.stop_accepting()  # our copies of the sockets: the waiters hold theirs
+        if self.pool is not None:
+            await self.pool.quiesce()  # and the workers': from now on the new engine accepts
         for task in list(self._tasks):
             task.cancel()  # closes each waiter's connection: it re-attaches
         return True
@@ -474,12 +502,14 @@ class Engine:
             try:
                 request = await asyncio.wait_for(receive_request(conn, fds), REQUEST_TIMEOUT)
                 if request == LIST_REQUEST:
+                    if self.pool is not None:
+                        await asyncio.wait_for(self.pool.refresh(), REQUEST_TIMEOUT)
                     log.debug("engine: pid %d asked for the list of %d mapping(s)", pid,
                               len(self.stats), extra=peer)
                     await self._reply_raw(conn, encode_list_reply(
                         [row.to_json() for row in rows_from_stats(self.stats)]))
                     return
-                config, reattach = _config_for(request)
+                config, reattach, argv = _config_for(request)
             except TimeoutError:
                 log.warning("engine: pid %d sent no request within %gs; closed", pid,
                             REQUEST_TIMEOUT, extra={**peer, "reason": "no request"})
@@ -507,7 +537,7 @@ class Engine:
             while not reattach and len(fds) > 1:
                 os.close(fds.pop())  # one listening socket per registration, no more
             try:
-                publication = await asyncio.wait_for(self._start(config, fds, reattach),
+                publication = await asyncio.wait_for(self._start(config, fds, reattach, argv),
                                                      ANSWER_TIMEOUT)
             except TimeoutError:
                 log.warning("engine: pid %d: could not start %s within %gs", pid,
@@ -562,23 +592,29 @@ class Engine:
                 os.close(fd)
             conn.close()
 
-    async def _start(self, config: Config, fds: list[int], reattach: bool) -> Publication:
+    async def _start(self, config: Config, fds: list[int], reattach: bool,
+                     argv: list[str]) -> Publication:
         """Open the mapping (adopting the passed socket if -use-listen-fd, the held ones on a
-        re-attach); StartupError if not."""
+        re-attach), on the workers if there are; StartupError if not."""
+        serve = self.pool is None  # with workers, this process only binds and holds
         if reattach:
-            publication = Publication(config, None, held=fds)  # takes each fd it wraps
+            publication = Publication(config, None, held=fds, serve=serve)  # takes each fd it wraps
             await publication.open()
-            self.publications.add(publication)
-            self.stats.update(publication.stats)
-            return publication
-        listen_fd = fds.pop(0) if (config.use_listen_fd and fds) else None
-        publication = Publication(config, listen_fd)
-        try:
-            await publication.open()
-        except StartupError:
-            if listen_fd is not None and _not_a_socket(listen_fd):
-                os.close(listen_fd)  # never wrapped in a socket object, so still ours to close
-            raise
+        else:
+            listen_fd = fds.pop(0) if (config.use_listen_fd and fds) else None
+            publication = Publication(config, listen_fd, serve=serve)
+            try:
+                await publication.open()
+            except StartupError:
+                if listen_fd is not None and _not_a_socket(listen_fd):
+                    os.close(listen_fd)  # never wrapped in a socket object, so still ours to close
+                raise
+        if self.pool is not None:
+            try:
+                await self.pool.add(publication, argv)
+            except BaseException:
+                await publication.close()
+                raise
         self.publications.add(publication)
         self.stats.update(publication.stats)
         return publication
@@ -587,6 +623,8 @@ class Engine:
         self.publications.discard(publication)
         for mapping in publication.stats:
             self.stats.pop(mapping, None)
+        if self.pool is not None:
+            await self.pool.remove(publication, 0.0)
         await publication.close()
         for mapping in publication.published():
             log.info("released %s", mapping, extra=mapping_fields(mapping))

@@ -22,15 +22,18 @@ class Publication:
     """The relays of one command line. `listen_fd` is where -use-listen-fd finds its socket
     (4 in a spawned process, another fd in the engine, None if none was passed). `held`: on a
     re-attach, the listening sockets its waiter held, one per mapping in order; each is taken
-    off the list once it is a socket object (which closes it from then on)."""
+    off the list once it is a socket object (which closes it from then on). `serve=False`:
+    only bind (or adopt) the sockets, for an engine whose worker processes serve them."""
 
     def __init__(self, config: Config, listen_fd: int | None,
-                 held: list[int] | None = None) -> None:
+                 held: list[int] | None = None, *, serve: bool = True) -> None:
         self.mappings = config.mappings
         self.options = config.relay_options()
         self.use_listen_fd = config.use_listen_fd
         self.listen_fd = listen_fd
         self.held = held
+        self.serve = serve
+        self.served: list[tuple[Mapping, int]] = []  # (mapping as published, its port)
         self.relays: list[Relay] = []
         self.sockets: list[socket.socket] = []  # each relay's frontend, for the engine to hand out
         self.stats: dict[Mapping, MappingStats] = {}
@@ -59,22 +62,30 @@ class Publication:
             sock, port = bind_first_free(mapping)
         published = mapping.with_port(port)
         stats = self.stats.setdefault(published, MappingStats())
+        if not self.serve:
+            self.sockets.append(sock)
+            self.served.append((published, port))
+            return
         relay = make_relay(published, port, self.options, stats)
         await relay.start(sock, adopted=adopted)
         self.relays.append(relay)
         self.sockets.append(sock)
+        self.served.append((relay.mapping, relay.port))
 
     def published(self) -> list[Mapping]:
         """Each mapping as it is served: the port it got, the interface it was bound by."""
-        return [relay.mapping for relay in self.relays]
+        return [mapping for mapping, _ in self.served]
 
     def lines(self) -> list[str]:
         """What this publishes, in `docker port` format."""
-        return [relay.mapping.docker_port_line(relay.port) for relay in self.relays]
+        return [mapping.docker_port_line(port) for mapping, port in self.served]
 
     def stop_accepting(self) -> None:
         for relay in self.relays:
             relay.stop_accepting()
+        if not self.serve:
+            for sock in self.sockets:  # only bound here: closing them is all there is to stop
+                sock.close()
 
     async def close(self, drain_timeout: float = 0.0) -> None:
         """Stop accepting; with a drain_timeout, let connections finish for up to that long;
