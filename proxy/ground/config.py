@@ -333,7 +333,7 @@ class ProcessOptions:
     # An engine exits once no mapping has been registered for this long; 0: never (an engine
     # a service manager runs). An engine that a spawned pyproxy started gets one (handover).
     engine_idle_exit: float = _option("0", parse_duration, validator=_positive)
-    # The engine's worker processes (proxy.modes.workers); 0: as many as the CPUs it may run on.
+    # The engine's worker processes (proxy.modes.workers); 0: not given, the engine's default.
     workers: int = 0
 
 

@@ -247,8 +247,8 @@ def build_parser() -> argparse.ArgumentParser:
     flag("engine-idle-exit", parse_duration, _default("engine_idle_exit"),
          "with -engine: exit once no mapping has been held for D (0: never)", metavar="D")
     flag("workers", _parse_workers, _default("workers"),
-         "with -engine: worker processes that serve the mappings (default: the CPUs the "
-         "engine may run on; 1: serve in the engine's own process)", metavar="N")
+         "with -engine: worker processes that serve the mappings (default: 1, the engine's "
+         "own process; e.g. the CPUs the engine may run on)", metavar="N")
     flag("drain-timeout", parse_duration, _default("drain_timeout"),
          "on SIGTERM, let open connections finish for up to D (default: 0, exit at once)",
          metavar="D")

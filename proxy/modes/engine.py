@@ -61,13 +61,14 @@ from proxy.ground.wire import (
 )
 from proxy.modes.publication import Publication
 from proxy.modes.signals import stop_requested
-from proxy.modes.workers import WorkerPool, default_count
+from proxy.modes.workers import WorkerPool
 
 log = logging.getLogger("pyproxy")
 
 REQUEST_TIMEOUT = 5.0  # a spawned pyproxy sends its request at once; an idle peer is dropped
 ANSWER_TIMEOUT = 10.0  # dockerd gives up on "0\n" after 16 s: answer well before
-RELOAD_TIMEOUT = 20.0  # for the new engine's "0" on its status pipe
+RELOAD_TIMEOUT = 20.0
+DEFAULT_WORKERS = 1  # for the new engine's "0" on its status pipe
 RETIRE_GRACE = 0.5  # an idle engine accepts this long after unlinking its socket (see serve)
 _UCRED = struct.Struct("3i")  # pid, uid, gid
 # Room for a re-attach's sockets, one per mapping: the kernel closes any more that come.
@@ -285,7 +286,10 @@ class Engine:
 
     async def _start_workers(self) -> None:
         """-workers N (N > 1): the worker processes; if they cannot start, serve here."""
-        count = self.config.workers or default_count()
+        # Worker processes are opt-in for now (-workers N): the engine's own process, as an
+        # auto-started engine has always served, until workers have had the soak and the
+        # many-port memory figures the single process has (see README, "Multi-core").
+        count = self.config.workers or DEFAULT_WORKERS
         if count <= 1:
             return
         pool = WorkerPool(count, sys.argv[1:], self.engine_stats)

@@ -62,11 +62,6 @@ _GAUGES = {"active", "flows_active"}  # what is open now: not carried over from 
 _PR_SET_PDEATHSIG = 1
 
 
-def default_count() -> int:
-    """The CPUs this process may run on."""
-    return len(os.sched_getaffinity(0))
-
-
 class WorkerGone(Exception):
     """The worker died before it answered."""
 
