@@ -70,9 +70,10 @@ class DockerLab:
         self._wait(lambda: self.docker("info", check=False).returncode == 0, "dockerd")
 
     def _spawn(self, cmd: list[str], log: str) -> None:
-        out = open(os.path.join(self.tmp, log), "wb")
-        self.procs.append(subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=self.env,
-                                           start_new_session=True))
+        # The child writes through its own copy of the descriptor: ours can close at once.
+        with open(os.path.join(self.tmp, log), "wb") as out:
+            self.procs.append(subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
+                                               env=self.env, start_new_session=True))
 
     def _wait(self, ready, what: str, timeout: float = 60) -> None:  # type: ignore[no-untyped-def]
         deadline = time.monotonic() + timeout
