@@ -19,7 +19,7 @@ import tempfile
 import threading
 import time
 import urllib.request
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any, ClassVar
 
 import pytest
@@ -357,6 +357,28 @@ async def proxy(*argv: str) -> AsyncIterator[Publication]:
         yield server
     finally:
         await server.close()
+
+
+@contextlib.contextmanager
+def silent_listener() -> Iterator[int]:
+    """The port of a listener whose accept queue is full: Linux drops new SYNs, so a dial to
+    it hangs (until the dialler's timeout), on loopback. A backlog of 0 still queues one
+    connection; the second waits in SYN-SENT; from then on the port is silent."""
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(0)
+    fillers = []
+    try:
+        for _ in range(2):
+            f = socket.socket()
+            fillers.append(f)
+            f.setblocking(False)
+            f.connect_ex(silent.getsockname())
+        time.sleep(0.1)  # both handshakes under way before anyone dials
+        yield silent.getsockname()[1]
+    finally:
+        for f in [*fillers, silent]:
+            f.close()
 
 
 def tcp_proxy(backend_port: int, *extra: str, host_ip: str = "127.0.0.1",

@@ -26,6 +26,7 @@ from tests.helpers import (
     docker_args,
     free_port,
     needs_ipv6,
+    silent_listener,
     tcp_proxy,
     udp_backend,
     udp_proxy,
@@ -282,23 +283,10 @@ async def test_dial_retry_gives_up_cleanly_after_the_deadline() -> None:
 
 
 async def test_dial_timeout_against_a_backend_that_never_answers() -> None:
-    # A listener whose accept queue is full drops new SYNs: the connect hangs, on loopback.
-    silent = socket.socket()
-    silent.bind(("127.0.0.1", 0))
-    silent.listen(0)
-    fillers = []
-    for _ in range(2):
-        f = socket.socket()
-        f.setblocking(False)
-        f.connect_ex(silent.getsockname())
-        fillers.append(f)
-    await asyncio.sleep(0.1)
-    async with tcp_proxy(silent.getsockname()[1], "-dial-timeout", "300ms") as server:
-        assert await connect_from("127.0.0.1", server.relays[0].port) == b""
-        assert server.relays[0].stats.dial_failures == 1
-    for f in fillers:
-        f.close()
-    silent.close()
+    with silent_listener() as silent_port:
+        async with tcp_proxy(silent_port, "-dial-timeout", "300ms") as server:
+            assert await connect_from("127.0.0.1", server.relays[0].port) == b""
+            assert server.relays[0].stats.dial_failures == 1
 
 
 # -- draining ---------------------------------------------------------------------------------

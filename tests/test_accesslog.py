@@ -26,6 +26,7 @@ from tests.helpers import (
     free_port,
     needs_ipv6,
     read_status,
+    silent_listener,
     spawn,
     spawn_via,
     tcp_proxy,
@@ -191,27 +192,13 @@ async def test_dial_refused(access: Lines) -> None:
 
 async def test_dial_timeout(access: Lines) -> None:
     """A backend whose accept queue is full: Linux drops the SYN, so the dial hangs."""
-    full = socket.socket()
-    full.bind(("127.0.0.1", 0))
-    full.listen(0)
-    fillers = []
-    try:
-        for _ in range(2):  # a backlog of 0 still queues one; the next SYN waits in SYN-SENT
-            s = socket.socket()
-            s.setblocking(False)
-            with contextlib.suppress(BlockingIOError):
-                s.connect(full.getsockname())
-            fillers.append(s)
-        await asyncio.sleep(0.1)
-        async with tcp_proxy(full.getsockname()[1], "-dial-timeout", "300ms") as server:
+    with silent_listener() as silent_port:
+        async with tcp_proxy(silent_port, "-dial-timeout", "300ms") as server:
             reader, writer = await asyncio.open_connection("127.0.0.1", server.relays[0].port)
             with contextlib.suppress(ConnectionError):
                 await asyncio.wait_for(reader.read(), 10)
             entry = await access.next()
             writer.close()
-    finally:
-        for s in [*fillers, full]:
-            s.close()
     assert entry["end"] == "dial-failed" and entry["error"] == "timed out"
 
 

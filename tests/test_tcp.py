@@ -13,7 +13,7 @@ import struct
 import pytest
 
 from proxy.relays.tcp import EARLY_DATA_LIMIT, HIGH_WATER, ClientSide, ContainerSide, Dial
-from tests.helpers import backend, echo_after_eof, free_port, needs_ipv6, sha, tcp_proxy
+from tests.helpers import backend, echo_after_eof, free_port, needs_ipv6, sha, silent_listener, tcp_proxy
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -289,27 +289,11 @@ def leave(writer: asyncio.StreamWriter) -> None:
     writer.close()
 
 
-def silent_listener() -> tuple[socket.socket, list[socket.socket]]:
-    """A listener whose accept queue is full: it drops new SYNs, so a connect to it hangs."""
-    silent = socket.socket()
-    silent.bind(("127.0.0.1", 0))
-    silent.listen(0)
-    fillers = []
-    for _ in range(2):
-        f = socket.socket()
-        f.setblocking(False)
-        f.connect_ex(silent.getsockname())
-        fillers.append(f)
-    return silent, fillers
-
-
 async def test_a_dial_under_way_is_no_task_and_a_leaving_client_cancels_it() -> None:
     """The dial is driven by callbacks (a Task per connection cost more than the connect).
     A client that leaves mid-dial stops it: no dial failure, nothing left behind."""
-    silent, fillers = silent_listener()
-    await asyncio.sleep(0.1)
-    try:
-        async with tcp_proxy(silent.getsockname()[1]) as server:
+    with silent_listener() as silent_port:
+        async with tcp_proxy(silent_port) as server:
             relay = server.relays[0]
             tasks_before = asyncio.all_tasks()
             reader, writer = await asyncio.open_connection("127.0.0.1", relay.port)
@@ -326,10 +310,6 @@ async def test_a_dial_under_way_is_no_task_and_a_leaving_client_cancels_it() -> 
                 await asyncio.sleep(0.01)
             assert relay.dialing == {} and relay.connections == set()
             assert relay.stats.dial_failures == 0 and relay.stats.active == 0
-    finally:
-        for f in fillers:
-            f.close()
-        silent.close()
 
 
 async def test_dial_retry_reaches_a_backend_that_starts_late() -> None:
@@ -385,15 +365,13 @@ async def test_finished_connections_leave_no_cycles_for_the_gc() -> None:
                 with pytest.raises(ConnectionResetError):
                     await asyncio.wait_for(reader.read(), 5)
                 writer.close()
-        silent, fillers = silent_listener()  # the dial times out, then is cancelled
-        async with tcp_proxy(silent.getsockname()[1], "-dial-timeout", "200ms") as server:
-            reader, writer = await asyncio.open_connection("127.0.0.1", server.relays[0].port)
-            with pytest.raises(ConnectionResetError):
-                await asyncio.wait_for(reader.read(), 5)
-            writer.close()
-            assert server.relays[0].stats.dial_failures == 1
-        for f in [*fillers, silent]:
-            f.close()
+        with silent_listener() as silent_port:  # the dial times out, then is cancelled
+            async with tcp_proxy(silent_port, "-dial-timeout", "200ms") as server:
+                reader, writer = await asyncio.open_connection("127.0.0.1", server.relays[0].port)
+                with pytest.raises(ConnectionResetError):
+                    await asyncio.wait_for(reader.read(), 5)
+                writer.close()
+                assert server.relays[0].stats.dial_failures == 1
         await asyncio.sleep(0.1)
         left = [o for o in gc.get_objects() if isinstance(o, (ClientSide, ContainerSide, Dial))]
         assert left == []
