@@ -309,3 +309,20 @@ class Backoff:
             return False
         await asyncio.sleep(wait)
         return True
+
+
+async def wait_fd(fd: int, writable: bool = False) -> None:
+    """Until `fd` is readable (or writable): for the engine's and its workers' own sockets and
+    pipes, which they read and write themselves (messages with fds, not a stream)."""
+    loop = asyncio.get_running_loop()
+    ready: asyncio.Future[None] = loop.create_future()
+
+    def wake() -> None:
+        if not ready.done():
+            ready.set_result(None)
+
+    (loop.add_writer if writable else loop.add_reader)(fd, wake)
+    try:
+        await ready
+    finally:
+        (loop.remove_writer if writable else loop.remove_reader)(fd)

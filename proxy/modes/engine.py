@@ -45,7 +45,7 @@ from proxy.ground.flags import UsageError, config_from_args, parse_args
 from proxy.ground.heap import freeze_startup
 from proxy.ground.listing import rows_from_stats
 from proxy.ground.logs import mapping_fields
-from proxy.ground.sockets import StartupError, go_strerror
+from proxy.ground.sockets import StartupError, go_strerror, wait_fd
 from proxy.ground.stats import EngineStats, MappingStats
 from proxy.ground.statuspipe import STATUS_FD, StatusPipe
 from proxy.ground.wire import (
@@ -99,26 +99,11 @@ async def _read_to_eof(fd: int) -> bytes:
     """All a pipe gives until its writer closes it (a status pipe: "0\\n" or "1\\n<error>")."""
     data = b""
     while True:
-        await _readable(fd)
+        await wait_fd(fd)
         chunk = os.read(fd, 4096)
         if not chunk:
             return data
         data += chunk
-
-
-async def _readable(fd: int) -> None:
-    loop = asyncio.get_running_loop()
-    ready: asyncio.Future[None] = loop.create_future()
-
-    def wake() -> None:
-        if not ready.done():
-            ready.set_result(None)
-
-    loop.add_reader(fd, wake)
-    try:
-        await ready
-    finally:
-        loop.remove_reader(fd)
 
 
 async def receive_request(conn: socket.socket, fds: list[int]) -> bytes:
@@ -127,7 +112,7 @@ async def receive_request(conn: socket.socket, fds: list[int]) -> bytes:
     is not a request."""
     data = b""
     while (payload := unframe(data)) is None:
-        await _readable(conn.fileno())
+        await wait_fd(conn.fileno())
         try:
             chunk, ancillary, _, _ = conn.recvmsg(MAX_PAYLOAD + 16, _FD_SPACE)
         except BlockingIOError:

@@ -42,7 +42,7 @@ import attrs
 
 from proxy.ground.flags import config_from_args, parse_args
 from proxy.ground.logs import reopen_log_file
-from proxy.ground.sockets import StartupError, go_strerror
+from proxy.ground.sockets import StartupError, go_strerror, wait_fd
 from proxy.ground.stats import EngineStats, MappingStats
 from proxy.ground.wire import MAX_HELD, pyproxy_command
 from proxy.modes.publication import Publication
@@ -91,21 +91,6 @@ def _reset(stats: MappingStats) -> None:
             setattr(stats, name, type(current)(0))
 
 
-async def _wait_fd(fd: int, writable: bool = False) -> None:
-    loop = asyncio.get_running_loop()
-    ready: asyncio.Future[None] = loop.create_future()
-
-    def wake() -> None:
-        if not ready.done():
-            ready.set_result(None)
-
-    (loop.add_writer if writable else loop.add_reader)(fd, wake)
-    try:
-        await ready
-    finally:
-        (loop.remove_writer if writable else loop.remove_reader)(fd)
-
-
 async def _send(sock: socket.socket, message: dict[str, Any], fds: Sequence[int] = ()) -> None:
     data = json.dumps(message, separators=(",", ":")).encode()
     ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())] if fds else []
@@ -114,7 +99,7 @@ async def _send(sock: socket.socket, message: dict[str, Any], fds: Sequence[int]
             sock.sendmsg([data], ancillary)
             return
         except BlockingIOError:
-            await _wait_fd(sock.fileno(), writable=True)
+            await wait_fd(sock.fileno(), writable=True)
 
 
 async def _receive(sock: socket.socket) -> tuple[dict[str, Any], list[int]] | None:
@@ -123,7 +108,7 @@ async def _receive(sock: socket.socket) -> tuple[dict[str, Any], list[int]] | No
         try:
             data, ancillary, _, _ = sock.recvmsg(_PACKET, _FD_SPACE)
         except BlockingIOError:
-            await _wait_fd(sock.fileno())
+            await wait_fd(sock.fileno())
             continue
         except (ConnectionResetError, OSError):
             return None
