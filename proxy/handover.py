@@ -77,10 +77,11 @@ REATTACH_FLAG = "-engine-reattach"
 # between tries a sleep from RETRY_FIRST doubling up to RETRY_MAX, so a port is back within
 # ~RETRY_MAX of an engine starting, and a waiter with no engine costs a few wake-ups a second.
 CONNECT_TIMEOUT = 2.0
-# A waiter whose engine died first waits this long for one to come back (systemd's unit
-# restarts it after 250 ms), then starts one itself, as a spawn does: an engine that a spawn
-# auto-started has no one else to start it again.
-REATTACH_START_AFTER = 1.0
+# A waiter whose engine died first waits this long for one to come back, then starts one
+# itself, as a spawn does: an engine that a spawn auto-started has no one else to start it
+# again. Long enough that a managed engine wins: systemd restarts its unit's after 250 ms,
+# and its slow start under load must not find an engine of ours on its path.
+REATTACH_START_AFTER = 5.0
 ANSWER_TIMEOUT = 15.0  # the engine answers within its own 10 s
 RETRY_FIRST = 0.01
 RETRY_MAX = 0.2
