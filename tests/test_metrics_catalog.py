@@ -17,7 +17,7 @@ from collections.abc import Iterator
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from proxy import __version__
+from proxy import __version__, compiled
 from tests.helpers import REPO, EchoBackend, Proxy, docker_args, exchange, free_port
 
 pytestmark = pytest.mark.timeout(60)
@@ -120,3 +120,4 @@ def test_build_info_names_the_version(scrape: str) -> None:
     assert sample.value == 1
     assert sample.labels["version"] == __version__
     assert sample.labels["python"] == platform.python_version()
+    assert sample.labels["compiled"] == ("true" if compiled() else "false")  # setup.py's build

@@ -8,12 +8,14 @@ import re
 import subprocess
 import sys
 import tomllib
+from importlib.machinery import EXTENSION_SUFFIXES
 
 import pytest
 
-from proxy import __version__
+from proxy import __version__, compiled
 from proxy.ground.flags import UsageError, build_parser, parse_config
-from tests.helpers import REPO, EchoBackend, Proxy, exchange, free_port, output
+from proxy.relays import tcp
+from tests.helpers import PROXY_CWD, REPO, EchoBackend, Proxy, exchange, free_port, output
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -44,6 +46,18 @@ def test_one_version_everywhere() -> None:
         dockerfile = f.read()
     [label_version] = re.findall(r"^ARG VERSION=(\S+)$", dockerfile, re.MULTILINE)
     assert pyproject()["project"]["version"] == __version__ == label_version
+
+
+def test_version_says_whether_the_relays_are_compiled() -> None:
+    """The build made with PYPROXY_COMPILE=1 (setup.py) runs the TCP relay as an extension
+    module; -version says so (the suite runs on both builds in .ci/run)."""
+    extension = tcp.__file__.endswith(tuple(EXTENSION_SUFFIXES))
+    assert compiled() == extension
+    done = subprocess.run([sys.executable, "-m", "proxy", "-version"], cwd=PROXY_CWD,
+                          capture_output=True, check=False, timeout=30)
+    assert done.returncode == 0 and not done.stderr
+    assert done.stdout.decode() == (f"pyproxy version {__version__}"
+                                    f"{' (compiled relays)' if extension else ''}\n")
 
 
 def help_entries() -> dict[str, str]:

@@ -15,7 +15,7 @@ from typing import Any, NoReturn
 
 import attrs
 
-from proxy import __version__
+from proxy import __version__, compiled
 from proxy.ground.config import (
     CAPABILITIES,
     PROTOCOLS,
@@ -405,6 +405,6 @@ def parse_config(argv: Sequence[str]) -> Config | None:
         build_parser().print_help()
         return None
     if args.version:
-        print(f"pyproxy version {__version__}")
+        print(f"pyproxy version {__version__}{' (compiled relays)' if compiled() else ''}")
         return None
     return config_from_args(args)

@@ -21,7 +21,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from proxy import __version__
+from proxy import __version__, compiled
 from proxy.ground.budget import process_budget
 from proxy.ground.config import CAPABILITIES, Mapping, format_hostport
 from proxy.ground.sockets import StartupError, go_strerror
@@ -151,8 +151,10 @@ def make_registry(stats: MappingType[Mapping, MappingStats],
     registry = CollectorRegistry()
     registry.register(StatsCollector(stats, engine, refresh))
     ProcessCollector(registry=registry)
-    Info("pyproxy_build", "the pyproxy version serving, and its Python", registry=registry).info(
-        {"version": __version__, "python": platform.python_version()})
+    Info("pyproxy_build", "the pyproxy version serving, its Python, and whether its relays are "
+         "compiled", registry=registry).info(
+        {"version": __version__, "python": platform.python_version(),
+         "compiled": "true" if compiled() else "false"})
     return registry
 
 
