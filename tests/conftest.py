@@ -4,6 +4,7 @@ backends, a running engine, and the reaping of every pyproxy subprocess a test s
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import socket
 import threading
@@ -12,9 +13,21 @@ from collections.abc import Iterator
 import pytest
 import uvloop
 
-from tests.helpers import EchoBackend, Proxy, free_port, reap_spawned
+import proxy
+from tests.helpers import INSTALLED, REPO, EchoBackend, Proxy, free_port, reap_spawned
 
 LOOPS = ["uvloop", "asyncio"]
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """A run on the installed build must not test the checkout's sources by mistake."""
+    if INSTALLED and os.path.abspath(proxy.__file__).startswith(os.path.join(REPO, "")):
+        raise pytest.UsageError(f"PYPROXY_TEST_INSTALLED=1, but proxy comes from {proxy.__file__}: "
+                                "run `python -P -m pytest --import-mode=append` from the checkout")
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    return f"pyproxy under test: {os.path.dirname(proxy.__file__)} (compiled relays: {proxy.compiled()})"
 
 
 def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> dict:

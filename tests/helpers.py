@@ -153,6 +153,12 @@ def output(proc: subprocess.Popen) -> tuple[bytes, bytes]:
 
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# PYPROXY_TEST_INSTALLED=1: test the pyproxy installed in this Python (the compiled build, in
+# .ci/run), not this checkout's sources. Proxies are then spawned from a directory with no
+# proxy/ in it, and pytest must import the installed one too (`python -P -m pytest
+# --import-mode=append`; conftest checks).
+INSTALLED = os.environ.get("PYPROXY_TEST_INSTALLED", "") == "1"
+PROXY_CWD = tempfile.gettempdir() if INSTALLED else REPO
 
 
 SPAWNED: list[subprocess.Popen] = []  # spawned by a test directly, not through Proxy
@@ -202,7 +208,7 @@ def spawn(args: list[str], fds: dict[int, int], *, env=None, preexec=None,
     # Output goes to files, not pipes: a child must never block on a pipe nobody reads yet.
     files = (tempfile.TemporaryFile(), tempfile.TemporaryFile())
     proc = subprocess.Popen(
-        [*(prefix or []), *(command or [sys.executable, "-m", "proxy"]), *args], cwd=REPO,
+        [*(prefix or []), *(command or [sys.executable, "-m", "proxy"]), *args], cwd=PROXY_CWD,
         stdout=files[0], stderr=files[1], close_fds=True,
         # subprocess closes every fd not listed here *after* preexec_fn has placed them
         pass_fds=sorted(set(fds.values()) | set(fds)), preexec_fn=place_fds, env=full_env,
