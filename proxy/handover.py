@@ -359,18 +359,18 @@ _PT_INTERP = 3
 
 
 def statically_linked(path: str) -> bool:
-    """Whether `path` is a 64-bit ELF executable with no program interpreter (ld.so)."""
+    """Whether `path` is a 64-bit little-endian ELF executable (x86-64, arm64...) with no
+    program interpreter (ld.so). Anything else: False, so it is not preferred."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
         return False
     try:
         head = os.pread(fd, 64, 0)
-        if len(head) < 64 or head[:5] != b"\x7fELF\x02":  # ELFCLASS64
+        if len(head) < 64 or head[:6] != b"\x7fELF\x02\x01":  # ELFCLASS64, ELFDATA2LSB
             return False
-        order = "little" if head[5] == 1 else "big"
-        offset = int.from_bytes(head[32:40], order)
-        size, count = int.from_bytes(head[54:56], order), int.from_bytes(head[56:58], order)
+        offset = int.from_bytes(head[32:40], "little")
+        size, count = int.from_bytes(head[54:56], "little"), int.from_bytes(head[56:58], "little")
         table = os.pread(fd, size * count, offset)
     except OSError:
         return False
@@ -378,7 +378,7 @@ def statically_linked(path: str) -> bool:
         os.close(fd)
     if size < 4 or len(table) < size * count:
         return False
-    return all(int.from_bytes(table[i:i + 4], order) != _PT_INTERP
+    return all(int.from_bytes(table[i:i + 4], "little") != _PT_INTERP
                for i in range(0, size * count, size))
 
 
