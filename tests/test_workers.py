@@ -28,6 +28,7 @@ from tests.helpers import (
     spawn,
     spawn_via,
     value,
+    waiting,
 )
 from tests.test_survive import ConnectLoop, serves_tcp, serves_udp, until
 
@@ -272,7 +273,7 @@ def test_engine_killed_then_restarted_with_workers_reattaches(tmp_path, proxy_lo
         engine, _ = start_engine(path, proxy_loop_env)
         until(lambda: serves_tcp(port), within=10)
         assert waiter.proc.poll() is None
-        until(lambda: cmdline(waiter.proc.pid).startswith("pyproxy-wait"), within=5)
+        until(lambda: waiting(waiter.proc.pid), within=5)
         waiter.stop(signal.SIGINT)
         assert waiter.proc.returncode == 0 and refused(port)
     finally:
@@ -338,8 +339,8 @@ def test_workers_are_forked_sharing_memory_and_hold_nothing_of_the_supervisors(t
         supervisor = engine.proc.pid
         pids = workers_of(supervisor)
         assert len(pids) == 2
-        for slot, pid in enumerate(sorted(pids, key=lambda p: cmdline(p).split()[3])):
-            assert cmdline(pid).split() == ["pyproxy", "-engine-worker", str(supervisor), str(slot)]
+        for slot, pid in enumerate(sorted(pids, key=lambda p: cmdline(p).split()[-1])):
+            assert cmdline(pid).split() == ["pyproxy-engine-worker", str(supervisor), str(slot)]
             memory = _rollup(pid)
             # forked: most of what it has is the supervisor's pages (a new interpreter: none)
             assert memory["Shared_Dirty"] > memory["Private_Dirty"], memory

@@ -3,9 +3,9 @@ supervisor, owning its Unix socket, every waiter's connection and every listenin
 N workers, each its own interpreter and event loop, serve the mappings it hands them.
 
 Each worker is forked from the supervisor (see _fork_worker: it shares the supervisor's
-interpreter, modules and start-up heap copy-on-write, ~2 MiB of its own instead of the
+interpreter, modules and start-up heap copy-on-write: ~4 MiB of its own instead of the
 ~16 MiB of a fresh interpreter), keeps only its end of an AF_UNIX SOCK_SEQPACKET socketpair
-and stdio, and shows `pyproxy -engine-worker PID SLOT` in `ps`. Messages are one JSON
+and stdio, and shows `pyproxy-engine-worker PID SLOT` in `ps`. Messages are one JSON
 object per packet; "add" carries the mapping's listening sockets (SCM_RIGHTS):
 
   supervisor -> worker   {"op": "add", "id", "key", "argv", "only": [i...]} + sockets
@@ -52,8 +52,10 @@ from proxy.modes.publication import Publication
 
 log = logging.getLogger("pyproxy")
 
-WORKER_FLAG = "-engine-worker"  # in a worker's title (`ps`): never a flag a user can give
-HELLO_TIMEOUT = 15.0  # a fresh interpreter on a loaded host
+# A worker's title (`ps`) is "pyproxy" + WORKER_FLAG + " PID SLOT": one word, so that nothing
+# taking argv[0] or argv[1] for "pyproxy" (or any word of it for "-engine") counts it as one.
+WORKER_FLAG = "-engine-worker"
+HELLO_TIMEOUT = 15.0  # a fork starts at once, but a loaded host may not run it soon
 CALL_TIMEOUT = 10.0
 REPORT_INTERVAL = 1.0  # how stale "lost connections" and the metrics sums may be, at most
 _PACKET = 1 << 22
@@ -214,7 +216,10 @@ class WorkerPool:
         ours, theirs = _channel_pair()
         loop_class = type(asyncio.get_running_loop())
         for stream in (sys.stdout, sys.stderr):  # or the child writes what is buffered again
-            stream.flush()
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                pass  # nobody reads it (or it is closed): nothing to write twice either
         try:
             pid = os.fork()
         except OSError:
@@ -510,7 +515,7 @@ def _fork_worker(channel: socket.socket, slot: int,
         for signum in (signal.SIGUSR2, signal.SIGCHLD):
             signal.signal(signum, signal.SIG_DFL)
         signal.set_wakeup_fd(-1)  # the supervisor loop's: now a /dev/null, but not ours
-        _title(["pyproxy", WORKER_FLAG, str(os.getppid()), str(slot)])
+        _title(["pyproxy" + WORKER_FLAG, str(os.getppid()), str(slot)])
         _blank_inherited_fds(keep={0, 1, 2, channel.fileno()})
         code = worker_main(channel, os.getppid(), slot, loop_class)
     except BaseException:  # noqa: BLE001 -- never unwind into the supervisor's frames
@@ -540,12 +545,17 @@ def _blank_inherited_fds(keep: set[int]) -> None:
 def _title(words: Sequence[str]) -> None:
     """The command line `ps` shows (/proc/self/cmdline), rewritten in place as setproctitle
     does: a forked worker would show the engine's, and whatever looks for the engine by its
-    command line (pgrep, a service check, `pyproxy -list`'s user) must not find its workers.
+    command line (pgrep, a service check, a test) must not find its workers.
     Cut to the length of the original (the engine's, always the longer)."""
-    with open("/proc/self/stat", "rb") as f:
-        fields = f.read().rpartition(b")")[2].split()
-    start, end = int(fields[45]), int(fields[46])  # arg_start, arg_end (fields 48, 49 of proc(5))
+    try:
+        with open("/proc/self/stat", "rb") as f:
+            fields = f.read().rpartition(b")")[2].split()
+        start, end = int(fields[45]), int(fields[46])  # arg_start, arg_end: proc(5)'s 48, 49
+    except (OSError, ValueError, IndexError):
+        return  # only `ps` would miss it
     size = end - start
+    if size <= 0:
+        return
     title = b"\0".join(word.encode() for word in words)[: size - 1]
     ctypes.memmove(start, title + bytes(size - len(title)), size)
 
