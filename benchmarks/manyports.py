@@ -159,6 +159,9 @@ class Run:
                     used.add(port)
                     ports.append(port)
             for proc, elapsed, status in spawn_batch([self.command(p) for p in ports], self.env()):
+                if b"address already in use" in status:  # taken since free_port saw it free
+                    proc.wait(timeout=STOP_TIMEOUT)
+                    continue
                 self.procs.append(proc)
                 if status != b"0\n":
                     raise RuntimeError(f"{self.name}: a spawn answered {status!r}")

@@ -5,10 +5,11 @@ dockerd spawns one pyproxy per published port. When a pyproxy engine is running
 (`pyproxy -engine`), this process checks that the engine is ours (root or our uid, in a
 directory only they can write), sends it the command line (and the fd 4 socket dockerd
 passed, with -use-listen-fd), then replaces itself with a tiny shell waiter holding the
-engine connection: ~120 KiB instead of a Python interpreter. The waiter sets its signal trap
-and only then writes "0\\n" on fd 3, so what dockerd reads is true of the process it will
-signal. On SIGINT/SIGTERM the waiter asks the engine to release the port and exits 0 once it
-has; if the waiter dies any other way the connection ends and the engine releases the port.
+engine connection: ~65 KiB of PSS (busybox) or ~115 (dash), not a Python interpreter. The
+waiter sets its signal trap and only then writes "0\\n" on fd 3, so what dockerd reads is
+true of the process it will signal. On SIGINT/SIGTERM the waiter asks the engine to release
+the port and exits 0 once it has; if the waiter dies any other way the connection ends and
+the engine releases the port.
 
 The engine's "0" carries the mapping's listening sockets, and the waiter holds them: they
 outlive the engine. If the engine goes away (killed, crashed, restarted), the waiter's read
