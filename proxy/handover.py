@@ -5,10 +5,11 @@ dockerd spawns one pyproxy per published port. When a pyproxy engine is running
 (`pyproxy -engine`), this process checks that the engine is ours (root or our uid, in a
 directory only they can write), sends it the command line (and the fd 4 socket dockerd
 passed, with -use-listen-fd), then replaces itself with a tiny shell waiter holding the
-engine connection: ~120 KiB instead of a Python interpreter. The waiter sets its signal trap
-and only then writes "0\\n" on fd 3, so what dockerd reads is true of the process it will
-signal. On SIGINT/SIGTERM the waiter asks the engine to release the port and exits 0 once it
-has; if the waiter dies any other way the connection ends and the engine releases the port.
+engine connection: ~65 KiB of PSS (busybox) or ~115 (dash), not a Python interpreter. The
+waiter sets its signal trap and only then writes "0\\n" on fd 3, so what dockerd reads is
+true of the process it will signal. On SIGINT/SIGTERM the waiter asks the engine to release
+the port and exits 0 once it has; if the waiter dies any other way the connection ends and
+the engine releases the port.
 
 The engine's "0" carries the mapping's listening sockets, and the waiter holds them: they
 outlive the engine. If the engine goes away (killed, crashed, restarted), the waiter's read
@@ -55,11 +56,18 @@ TYPE_CHECKING = False  # not typing's: see proxy.ground.wire (start-up cost)
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
-# The waiter's shell, found at run time: the smallest POSIX shell there is (dash on Debian
-# and Ubuntu, busybox on Alpine, bash as /bin/sh on Fedora, RHEL and Arch).
+# The waiter's shell, found at run time: the smallest POSIX shell there is. What a waiter
+# costs is the pages it writes (PSS, one waiter per published port): a statically linked
+# busybox (Debian's busybox-static) ~60 KiB, having no libc to relocate; dash ~113 KiB, of
+# which ~45 are libc's and ld.so's relocated data. So a static busybox first, then dash
+# (Debian, Ubuntu), then any busybox (Alpine), then /bin/sh (bash on Fedora, RHEL, Arch).
 # PYPROXY_WAIT_SHELL names one explicitly (and only that one is tried).
 WAIT_SHELL_ENV = "PYPROXY_WAIT_SHELL"
 WAIT_SHELLS = ("/bin/dash", "/usr/bin/dash", "/bin/busybox", "/usr/bin/busybox", "/bin/sh")
+_BUSYBOXES = ("/bin/busybox", "/usr/bin/busybox")
+# busybox runs the applet named by argv[0]'s last path component: a title ending in this
+# runs its `sh` and still starts with "pyproxy-wait" in `ps`.
+BUSYBOX_SH_SUFFIX = " busybox/sh"
 # The waiter's whole program. fd 0 and 1 are the engine connection. The trap comes first,
 # then "0\n" on fd 3 (one write: the printf builtin of dash, busybox and bash flushes once);
 # a stop signal sends "stop" and waits for the engine's "ok" (the port is released by then);
@@ -334,10 +342,45 @@ def inherited_socket(fd: int) -> int | None:
 def wait_shell() -> str | None:
     """The waiter's shell: an executable POSIX shell on this host, None if there is none."""
     named = os.environ.get(WAIT_SHELL_ENV) or None
+    if named is None:
+        for path in _BUSYBOXES:
+            if _executable(path) and statically_linked(path):
+                return path
     for path in (named,) if named is not None else WAIT_SHELLS:
-        if os.path.isfile(path) and os.access(path, os.X_OK):
+        if _executable(path):
             return path
     return None
+
+
+def _executable(path: str) -> bool:
+    return os.path.isfile(path) and os.access(path, os.X_OK)
+
+
+_PT_INTERP = 3
+
+
+def statically_linked(path: str) -> bool:
+    """Whether `path` is a 64-bit little-endian ELF executable (x86-64, arm64...) with no
+    program interpreter (ld.so). Anything else: False, so it is not preferred."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        head = os.pread(fd, 64, 0)
+        if len(head) < 64 or head[:6] != b"\x7fELF\x02\x01":  # ELFCLASS64, ELFDATA2LSB
+            return False
+        offset = int.from_bytes(head[32:40], "little")
+        size, count = int.from_bytes(head[54:56], "little"), int.from_bytes(head[56:58], "little")
+        table = os.pread(fd, size * count, offset)
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+    if size < 4 or len(table) < size * count:
+        return False
+    return all(int.from_bytes(table[i:i + 4], "little") != _PT_INTERP
+               for i in range(0, size * count, size))
 
 
 def _quote(word: str) -> str:
@@ -353,11 +396,12 @@ def resume_command(held: Sequence[int], argv: Sequence[str]) -> str:
 
 
 def waiter_argv(shell: str, lines: str, answers_fd3: bool, resume: str = "") -> list[str]:
-    """argv[0] shows the mapping in `ps`; busybox picks its applet by argv[0], so it gets "sh".
+    """argv[0] shows the mapping in `ps`; busybox picks its applet by argv[0]'s last path
+    component, so there it ends in BUSYBOX_SH_SUFFIX.
     `resume`: what to run once the engine connection ends (resume_command), if anything."""
     name = "pyproxy-wait " + ", ".join(lines.splitlines()) if lines else "pyproxy-wait"
     if os.path.basename(os.path.realpath(shell)) == "busybox":
-        name = "sh"
+        name += BUSYBOX_SH_SUFFIX
     return [name, "-c", WAITER_TRAP + (WAITER_READY if answers_fd3 else "") + WAITER_LOOP
             + (resume or WAITER_GIVE_UP)]
 

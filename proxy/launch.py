@@ -40,10 +40,6 @@ def main(argv: Sequence[str] | None = None, *, standalone: bool = False) -> int:
     """`standalone`: never use an engine (bin/pyproxy-standalone, for daemon.json)."""
     catch_stop_signals()
     args = list(sys.argv[1:] if argv is None else argv)
-    if args and args[0] == "-engine-worker":  # proxy.modes.workers.WORKER_FLAG
-        from proxy.modes.workers import worker_main
-
-        return worker_main(args[1:], event_loop_runner())
     if args and args[0].partition("=")[0] == REATTACH_FLAG:
         # A waiter whose engine went away (proxy.handover): fd 3 is gone and its fds are
         # the sockets it holds, none of them to be taken for the status pipe.

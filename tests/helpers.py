@@ -456,6 +456,20 @@ def value(samples: dict, name: str, **labels: str) -> float:
     return sum(v for (n, ls), v in samples.items() if n == name and want <= ls)
 
 
+def waiting(pid: int) -> bool:
+    """`pid` is a waiter shell (its title names the mapping) whose trap is set: a stop signal
+    from now on is answered, not the end of it by the signal (the instant after the exec)."""
+    try:
+        with open(f"/proc/{pid}/cmdline") as f:
+            if not f.read().startswith("pyproxy-wait"):
+                return False
+        with open(f"/proc/{pid}/status") as f:
+            caught = int(next(line for line in f if line.startswith("SigCgt:")).split()[1], 16)
+    except (OSError, StopIteration):
+        return False
+    return all(caught & (1 << (signum - 1)) for signum in (signal.SIGINT, signal.SIGTERM))
+
+
 def reattaching(pid: int) -> bool:
     """A waiter whose engine died has exec'd pyproxy to re-attach, and its stop handlers are in
     place (SIGTERM: Python catches SIGINT from its start, pyproxy both at its first line)."""

@@ -16,6 +16,7 @@ import time
 
 import pytest
 
+from proxy.handover import BUSYBOX_SH_SUFFIX, WAIT_SHELL_ENV, statically_linked, wait_shell
 from tests.helpers import (
     REPO,
     EchoBackend,
@@ -75,22 +76,48 @@ def test_sigint_right_after_ready_frees_the_port_and_exits_0(engine):
         backend.close()
 
 
-def test_waiter_names_its_mapping_and_holds_only_the_engine_connection(engine):
+@pytest.mark.parametrize("shell", [None, "/bin/dash", "/bin/busybox"])
+def test_waiter_names_its_mapping_and_holds_only_the_engine_connection(engine, shell):
+    """In each shell a waiter can be (None: the one found), and a stop frees the port."""
+    if shell is not None and not os.access(shell, os.X_OK):
+        pytest.skip(f"no {shell} here")
     path, _ = engine
     backend = EchoBackend()
     port = free_port()
-    p = spawn_via(path, docker_args(port, backend.port))
+    p = Proxy(docker_args(port, backend.port), env={"PYPROXY_ENGINE_SOCKET": path,
+                                                    **({WAIT_SHELL_ENV: shell} if shell else {})})
     try:
+        assert os.path.realpath(f"/proc/{p.proc.pid}/exe") == os.path.realpath(shell or wait_shell())
         with open(f"/proc/{p.proc.pid}/cmdline") as f:
             cmdline = f.read().split("\0")
-        assert cmdline[0] == f"pyproxy-wait {backend.port}/tcp -> 127.0.0.1:{port}"  # `ps`
+        title = f"pyproxy-wait {backend.port}/tcp -> 127.0.0.1:{port}"  # `ps`
+        busybox = os.path.basename(os.path.realpath(shell or wait_shell())) == "busybox"
+        assert cmdline[0] == title + (BUSYBOX_SH_SUFFIX if busybox else "")
         fds = {fd: os.readlink(f"/proc/{p.proc.pid}/fd/{fd}")
                for fd in os.listdir(f"/proc/{p.proc.pid}/fd")}
         assert "3" not in fds  # fd 3 answered and closed
         assert fds["0"] == fds["1"] and fds["0"].startswith("socket:")
+        assert exchange("127.0.0.1", port) == b"ping"
+        p.proc.send_signal(signal.SIGINT)
+        assert p.proc.wait(timeout=5) == 0
+        assert refused(port)  # released before the process exited
     finally:
         p.stop(signal.SIGINT)
         backend.close()
+
+
+def test_a_static_busybox_is_the_first_wait_shell(monkeypatch):
+    """It costs the least per waiter (no libc to relocate): see proxy.handover.WAIT_SHELLS."""
+    monkeypatch.delenv(WAIT_SHELL_ENV, raising=False)
+    static = [b for b in ("/bin/busybox", "/usr/bin/busybox")
+              if os.access(b, os.X_OK) and statically_linked(b)]
+    if not static:
+        pytest.skip("no statically linked busybox here (Debian: busybox-static)")
+    assert wait_shell() == static[0]
+    assert not statically_linked(os.path.realpath(sys.executable))  # it has an ld.so
+    assert not statically_linked(__file__)  # not an ELF file at all
+    monkeypatch.setenv(WAIT_SHELL_ENV, "/bin/sh")
+    assert wait_shell() == "/bin/sh"  # named: only that one
 
 
 def test_run_by_hand_with_fd3_free_while_an_engine_runs(engine):

@@ -27,6 +27,7 @@ from tests.helpers import (
     refused,
     spawn,
     spawn_via,
+    waiting,
 )
 
 pytestmark = pytest.mark.timeout(120)
@@ -177,8 +178,7 @@ def test_engine_killed_and_restarted_every_port_serves_again(tmp_path, proxy_loo
         # no process dockerd spawned exited: same PIDs, waiters again (not Python)
         for key, w in waiters.items():
             assert w.proc.poll() is None and w.proc.pid == pids[key]
-        until(lambda: all(cmdline(pid).startswith("pyproxy-wait")
-                          for pid in pids.values()), within=5)
+        until(lambda: all(waiting(pid) for pid in pids.values()), within=5)
 
         # SIGINT to each frees exactly its port, promptly, exit 0
         for (proto, port), w in list(waiters.items()):

@@ -277,6 +277,9 @@ class Engine:
         count = self.config.workers or DEFAULT_WORKERS
         if count <= 1:
             return
+        # Before the workers are forked: the start-up objects they share with us stay shared
+        # only if our collections never touch them again (proxy.modes.workers._fork_worker).
+        freeze_startup()
         pool = WorkerPool(count, sys.argv[1:], self.engine_stats)
         if await pool.start():
             self.pool = pool

@@ -2,8 +2,10 @@
 supervisor, owning its Unix socket, every waiter's connection and every listening socket;
 N workers, each its own interpreter and event loop, serve the mappings it hands them.
 
-Each worker is this pyproxy started again (proxy.ground.wire.pyproxy_command) with
-WORKER_FLAG, its end of an AF_UNIX SOCK_SEQPACKET socketpair on fd 3. Messages are one JSON
+Each worker is forked from the supervisor (see _fork_worker: it shares the supervisor's
+interpreter, modules and start-up heap copy-on-write: ~4 MiB of its own instead of the
+~16 MiB of a fresh interpreter), keeps only its end of an AF_UNIX SOCK_SEQPACKET socketpair
+and stdio, and shows `pyproxy-engine-worker PID SLOT` in `ps`. Messages are one JSON
 object per packet; "add" carries the mapping's listening sockets (SCM_RIGHTS):
 
   supervisor -> worker   {"op": "add", "id", "key", "argv", "only": [i...]} + sockets
@@ -28,6 +30,7 @@ from __future__ import annotations
 import array
 import asyncio
 import ctypes
+import gc
 import json
 import logging
 import os
@@ -35,7 +38,7 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import attrs
@@ -44,14 +47,15 @@ from proxy.ground.flags import config_from_args, parse_args
 from proxy.ground.logs import reopen_log_file
 from proxy.ground.sockets import StartupError, go_strerror, wait_fd
 from proxy.ground.stats import EngineStats, MappingStats
-from proxy.ground.wire import MAX_HELD, pyproxy_command
+from proxy.ground.wire import MAX_HELD
 from proxy.modes.publication import Publication
 
 log = logging.getLogger("pyproxy")
 
-WORKER_FLAG = "-engine-worker"  # argv[1] of a worker: never a flag a user can give
-CHANNEL_FD = 3
-HELLO_TIMEOUT = 15.0  # a fresh interpreter on a loaded host
+# A worker's title (`ps`) is "pyproxy" + WORKER_FLAG + " PID SLOT": one word, so that nothing
+# taking argv[0] or argv[1] for "pyproxy" (or any word of it for "-engine") counts it as one.
+WORKER_FLAG = "-engine-worker"
+HELLO_TIMEOUT = 15.0  # a fork starts at once, but a loaded host may not run it soon
 CALL_TIMEOUT = 10.0
 REPORT_INTERVAL = 1.0  # how stale "lost connections" and the metrics sums may be, at most
 _PACKET = 1 << 22
@@ -210,23 +214,24 @@ class WorkerPool:
     async def _spawn(self, slot: _Slot) -> None:
         """Start the slot's worker and wait for its hello; OSError, WorkerGone or TimeoutError."""
         ours, theirs = _channel_pair()
-        child_fd = theirs.fileno()
-        if child_fd == CHANNEL_FD:  # dup2 onto itself would keep close-on-exec
-            child_fd = os.dup(CHANNEL_FD)
-        command = pyproxy_command([WORKER_FLAG, str(os.getpid()), str(slot.index)])
+        loop_class = type(asyncio.get_running_loop())
+        for stream in (sys.stdout, sys.stderr):  # or the child writes what is buffered again
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                pass  # nobody reads it (or it is closed): nothing to write twice either
         try:
-            slot.pid = os.posix_spawn(command[0], command, os.environ,
-                                      file_actions=[(os.POSIX_SPAWN_DUP2, child_fd, CHANNEL_FD)])
+            pid = os.fork()
         except OSError:
             ours.close()
-            raise
-        finally:
-            if child_fd != theirs.fileno():
-                os.close(child_fd)
             theirs.close()
+            raise
+        if pid == 0:  # pragma: no cover -- the worker; it never returns into this frame
+            _fork_worker(theirs, slot.index, loop_class)
+        theirs.close()
+        slot.pid = pid
         slot.channel, slot.report, slot.started = ours, {}, time.monotonic()
-        # The engine's own flags (for its log options) go on the channel, not the command line:
-        # what looks for the engine by its command line must not find its workers.
+        # The engine's own flags (for its log options) go on the channel, as to any worker.
         await _send(ours, {"op": "config", "argv": self.engine_argv})
         hello = await asyncio.wait_for(_receive(ours), HELLO_TIMEOUT)
         if hello is None or hello[0].get("op") != "hello":
@@ -482,28 +487,102 @@ class WorkerPool:
 # -- the worker's side ----------------------------------------------------------------------
 
 
-def worker_main(args: Sequence[str],
-                run: Callable[[Coroutine[Any, Any, int]], int]) -> int:
-    """A worker: `args` are the supervisor's pid and the slot; `run`, the event loop runner.
-    Its first message is the engine's own argv (for its log options). Serves what comes on
-    fd 3 until the supervisor goes."""
+# What a forked worker inherited and must not let go of: dropping the last reference to the
+# supervisor's log handlers or access log would close their fds (see _fork_worker).
+_inherited: list[object] = []
+
+
+def _fork_worker(channel: socket.socket, slot: int,
+                 loop_class: Callable[[], asyncio.AbstractEventLoop]) -> None:
+    """In the child of os.fork() in WorkerPool._spawn: become the slot's worker, then exit.
+
+    Forked, not a new interpreter: every page of the supervisor's modules and start-up heap
+    is shared until one side writes to it (the supervisor froze its start-up objects out of
+    the collector's sight before the first fork, so its collections don't touch them; we
+    freeze everything we inherit for the same reason). What must not be shared is closed:
+    every inherited fd but stdio and the channel becomes /dev/null, so the worker holds no
+    waiter's connection (their EOF is how a waiter sees its engine go), no listening socket
+    it was not given (a released port must be free) and none of the supervisor's event loop;
+    the numbers stay taken, so a Python object of the supervisor's that still names one
+    (we never unwind into its frames, but a log handler we replace is freed) closes only a
+    /dev/null. This frame and the supervisor's below it are never returned to: os._exit."""
+    code = 1
+    try:
+        gc.freeze()
+        for signum in (signal.SIGINT, signal.SIGTERM):  # as a new interpreter's start-up does
+            signal.signal(signum, _exit_now)
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until the worker's loop reopens logs
+        for signum in (signal.SIGUSR2, signal.SIGCHLD):
+            signal.signal(signum, signal.SIG_DFL)
+        signal.set_wakeup_fd(-1)  # the supervisor loop's: now a /dev/null, but not ours
+        _title(["pyproxy" + WORKER_FLAG, str(os.getppid()), str(slot)])
+        _blank_inherited_fds(keep={0, 1, 2, channel.fileno()})
+        code = worker_main(channel, os.getppid(), slot, loop_class)
+    except BaseException:  # noqa: BLE001 -- never unwind into the supervisor's frames
+        import traceback
+
+        traceback.print_exc()
+    finally:
+        os._exit(code)
+
+
+def _exit_now(signum: int, frame: object) -> None:
+    os._exit(0)
+
+
+def _blank_inherited_fds(keep: set[int]) -> None:
+    null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        if fd not in keep and fd != null:
+            try:
+                os.dup2(null, fd, inheritable=False)
+            except OSError:
+                pass  # listdir's own fd, closed by now
+    os.close(null)
+
+
+def _title(words: Sequence[str]) -> None:
+    """The command line `ps` shows (/proc/self/cmdline), rewritten in place as setproctitle
+    does: a forked worker would show the engine's, and whatever looks for the engine by its
+    command line (pgrep, a service check, a test) must not find its workers.
+    Cut to the length of the original (the engine's, always the longer)."""
+    try:
+        with open("/proc/self/stat", "rb") as f:
+            fields = f.read().rpartition(b")")[2].split()
+        start, end = int(fields[45]), int(fields[46])  # arg_start, arg_end: proc(5)'s 48, 49
+    except (OSError, ValueError, IndexError):
+        return  # only `ps` would miss it
+    size = end - start
+    if size <= 0:
+        return
+    title = b"\0".join(word.encode() for word in words)[: size - 1]
+    ctypes.memmove(start, title + bytes(size - len(title)), size)
+
+
+def worker_main(channel: socket.socket, supervisor: int, slot: int,
+                loop_class: Callable[[], asyncio.AbstractEventLoop]) -> int:
+    """A worker: serves what comes on `channel` until the supervisor goes, on a new event loop
+    of `loop_class` (the supervisor's kind). Its first message is the engine's own argv (for
+    its log options)."""
+    from proxy.ground import accesslog
     from proxy.ground.accesslog import flush_access_log, setup_access_log
     from proxy.ground.logs import setup_logging
 
-    supervisor = int(args[0])
     libc = ctypes.CDLL(None, use_errno=True)
     # SIGKILL, not SIGTERM: a worker that outlived its supervisor even a moment could accept
     # clients that the waiters re-attaching the sockets would otherwise serve.
     libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     if os.getppid() != supervisor:  # it died before the prctl: nothing to serve
         return 0
-    channel = socket.socket(fileno=CHANNEL_FD)
     channel.settimeout(HELLO_TIMEOUT)
     try:
         first = json.loads(channel.recv(_PACKET))
     except (OSError, ValueError):
         return 1  # the supervisor went before it said anything
     config = config_from_args(parse_args(first["argv"]))
+    _inherited.extend([log.handlers[:], logging.getLogger("pyproxy.access").handlers[:],
+                       accesslog.current])
     try:
         setup_logging(config)
         setup_access_log(config)
@@ -512,7 +591,8 @@ def worker_main(args: Sequence[str],
         return 1
     channel.setblocking(False)
     try:
-        return run(_Worker(channel, int(args[1])).serve())
+        with asyncio.Runner(loop_factory=loop_class) as runner:
+            return runner.run(_Worker(channel, slot).serve())
     except KeyboardInterrupt:
         return 0
     finally:

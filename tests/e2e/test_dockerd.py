@@ -12,6 +12,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from proxy.handover import BUSYBOX_SH_SUFFIX
 from tests.dockerlab import DockerLab, docker_available
 from tests.helpers import Proxy, close_output, free_port, free_port_block
 
@@ -105,7 +106,8 @@ def test_tcp_published_ports_reach_the_container(lab: DockerLab) -> None:
                         f"-container-port 80") in lines
         else:  # each spawned pyproxy became a tiny waiter holding its mapping in the engine
             # (argv[0] names the mapping, so `ps` tells which process is which port)
-            waiters = {a[0] for a in proxy_processes() if a and a[0].startswith("pyproxy-wait ")}
+            waiters = {a[0].removesuffix(BUSYBOX_SH_SUFFIX) for a in proxy_processes()
+                       if a and a[0].startswith("pyproxy-wait ")}
             for host_ip, port in (("127.0.0.1", p), ("0.0.0.0", q), ("[::]", q)):
                 assert f"pyproxy-wait 80/tcp -> {host_ip}:{port}" in waiters, waiters
         # docker stop: pyproxy exits on dockerd's SIGINT at once, and every port is free after
