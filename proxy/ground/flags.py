@@ -22,12 +22,14 @@ from proxy.ground.config import (
     Config,
     Mapping,
     PortRange,
+    available_cpus,
     expand_ranges,
     is_decimal,
     parse_cidr,
     parse_duration,
     parse_ip,
     parse_publish,
+    parse_workers,
 )
 from proxy.ground.wire import DEFAULT_ENGINE_SOCKET, ENGINE_SOCKET_ENV, engine_socket_path
 
@@ -64,12 +66,6 @@ def _parse_bool(text: str) -> bool:
 def _parse_count(text: str) -> int:
     if not is_decimal(text):
         raise ValueError("not a non-negative whole number")
-    return int(text)
-
-
-def _parse_workers(text: str) -> int:
-    if not is_decimal(text) or int(text) < 1:
-        raise ValueError("not a whole number of at least 1")
     return int(text)
 
 
@@ -246,9 +242,10 @@ def build_parser() -> argparse.ArgumentParser:
          metavar="PATH")
     flag("engine-idle-exit", parse_duration, _default("engine_idle_exit"),
          "with -engine: exit once no mapping has been held for D (0: never)", metavar="D")
-    flag("workers", _parse_workers, _default("workers"),
-         "with -engine: worker processes that serve the mappings (default: 1, the engine's "
-         "own process; e.g. the CPUs the engine may run on)", metavar="N")
+    flag("workers", parse_workers, _default("workers"),
+         "with -engine: worker processes that serve the mappings; auto: one per CPU the "
+         f"engine may run on ({available_cpus()} here); 1: the engine's own process",
+         metavar="N|auto")
     flag("drain-timeout", parse_duration, _default("drain_timeout"),
          "on SIGTERM, let open connections finish for up to D (default: 0, exit at once)",
          metavar="D")
