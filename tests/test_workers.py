@@ -28,6 +28,7 @@ from tests.helpers import (
     spawn,
     spawn_via,
     value,
+    workers_of,
 )
 from tests.test_survive import ConnectLoop, serves_tcp, serves_udp, until
 
@@ -39,24 +40,6 @@ def start_engine(path: str, env: dict[str, str], *extra: str) -> tuple[Proxy, in
     engine = Proxy(["-engine", "-engine-socket", path, "-metrics-addr", f"127.0.0.1:{metrics}",
                     "-workers", "2", *extra], env=env)
     return engine, metrics
-
-
-def workers_of(pid: int) -> list[int]:
-    """The engine's worker processes: its children whose command line says so."""
-    try:
-        with open(f"/proc/{pid}/task/{pid}/children") as f:
-            children = [int(c) for c in f.read().split()]
-    except OSError:
-        return []
-    found = []
-    for child in children:
-        try:
-            with open(f"/proc/{child}/cmdline") as f:
-                if "-engine-worker" in f.read() and _alive(child):
-                    found.append(child)
-        except OSError:
-            pass
-    return sorted(found)
 
 
 class RecordingUdpEcho:
@@ -82,7 +65,45 @@ class RecordingUdpEcho:
         self.sock.close()
 
 
-@pytest.mark.parametrize("value_", ["0", "-1", "x", "1.5", ""])
+CPUS = sorted(os.sched_getaffinity(0))
+
+
+@pytest.mark.parametrize(("workers", "cpus", "expected"), [
+    ([], CPUS, len(CPUS)),  # the default: one per CPU it may run on
+    (["-workers", "auto"], CPUS, len(CPUS)),
+    ([], CPUS[:1], 0),  # pinned to one CPU (taskset, a cpuset): its own process serves
+    (["-workers", "1"], CPUS, 0),  # one: the engine's own process, no worker
+])
+def test_default_workers_are_the_cpus_the_engine_may_run_on(tmp_path, proxy_loop_env, workers,
+                                                             cpus, expected):
+    path = str(tmp_path / "engine.sock")
+    engine = Proxy(["-engine", "-engine-socket", path, *workers], env=proxy_loop_env,
+                   preexec=lambda: os.sched_setaffinity(0, cpus))
+    backend = EchoBackend()
+    port = free_port()
+    try:
+        expected = 0 if expected == 1 else expected  # auto on a one-CPU machine: no worker
+        assert len(workers_of(engine.proc.pid)) == expected
+        waiter = spawn_via(path, docker_args(port, backend.port))
+        assert exchange("127.0.0.1", port) == b"ping"
+        waiter.stop(signal.SIGINT)
+        assert waiter.proc.returncode == 0 and refused(port)
+    finally:
+        engine.stop(signal.SIGINT)
+        backend.close()
+    assert engine.proc.returncode == 0
+
+
+def test_help_shows_the_workers_default_and_what_it_is_here():
+    proc = spawn(["-h"], {})
+    assert proc.wait(timeout=20) == 0
+    text = " ".join(output(proc)[0].decode().split())  # argparse wraps the help text
+    assert "-workers N|auto" in text
+    assert f"auto: one per CPU the engine may run on ({len(CPUS)} here)" in text
+    assert "1: the engine's own process (default: auto)" in text
+
+
+@pytest.mark.parametrize("value_", ["0", "-1", "x", "1.5", "", "AUTO"])
 def test_workers_junk_is_a_usage_error(value_, tmp_path):
     proc = spawn(["-engine", "-engine-socket", str(tmp_path / "e.sock"), "-workers", value_], {})
     assert proc.wait(timeout=20) == 2
