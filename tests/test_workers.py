@@ -6,6 +6,7 @@ with dockerd's fd layout."""
 from __future__ import annotations
 
 import os
+import resource
 import signal
 import socket
 import threading
@@ -14,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from proxy.ground.budget import ephemeral_port_range, flow_limit
 from tests.helpers import (
     EchoBackend,
     Proxy,
@@ -243,6 +245,31 @@ def test_a_udp_client_stays_on_one_worker(tmp_path, proxy_loop_env):
         engine.stop(signal.SIGINT)
         for b in backends:
             b.close()
+
+
+def test_workers_split_the_engines_udp_flow_budget_and_metrics_sum_it(tmp_path, proxy_loop_env):
+    """Each worker holds its own flows: together they keep to the engine's share of the host's
+    ephemeral ports (half the range), and pyproxy_udp_flow_budget shows the sum."""
+    path = str(tmp_path / "engine.sock")
+    engine, metrics = start_engine(path, proxy_loop_env)
+    backend = RecordingUdpEcho()
+    port = free_port(kind=socket.SOCK_DGRAM)
+    try:
+        spawn_via(path, docker_args(port, backend.port, proto="udp"))
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as c:  # one flow
+            c.settimeout(5)
+            c.sendto(b"one", ("127.0.0.1", port))
+            assert c.recvfrom(100)[0] == b"one"
+        nofile = resource.getrlimit(resource.RLIMIT_NOFILE)[1]  # the engine raised it to this
+        per_worker = flow_limit(nofile, ephemeral_port_range(), sharers=2)
+        samples = scrape(metrics)
+        assert value(samples, "pyproxy_udp_flow_budget", state="limit") == 2 * per_worker
+        assert value(samples, "pyproxy_udp_flow_budget", state="used") == 1
+        low, high = ephemeral_port_range()
+        assert 2 * per_worker <= (high - low + 1) // 2  # the engine's share of the ports, no more
+    finally:
+        engine.stop(signal.SIGINT)
+        backend.close()
 
 
 def test_reload_with_workers_under_a_connection_loop(tmp_path, proxy_loop_env):

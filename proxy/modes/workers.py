@@ -40,6 +40,7 @@ from typing import Any
 
 import attrs
 
+from proxy.ground.budget import process_budget, share_ports
 from proxy.ground.flags import config_from_args, parse_args
 from proxy.ground.logs import reopen_log_file
 from proxy.ground.sockets import StartupError, go_strerror, wait_fd
@@ -156,6 +157,7 @@ class _Slot:
     report: dict[int, list[list[Any]]] = attrs.Factory(dict)
     retired_accepted: int = 0
     serving: asyncio.Event = attrs.Factory(asyncio.Event)  # up and given its mappings
+    flow_budget: list[int] = attrs.Factory(lambda: [0, 0])  # its UDP flow limit and use
     started: float = 0.0
 
 
@@ -227,7 +229,7 @@ class WorkerPool:
         slot.channel, slot.report, slot.started = ours, {}, time.monotonic()
         # The engine's own flags (for its log options) go on the channel, not the command line:
         # what looks for the engine by its command line must not find its workers.
-        await _send(ours, {"op": "config", "argv": self.engine_argv})
+        await _send(ours, {"op": "config", "argv": self.engine_argv, "workers": len(self.slots)})
         hello = await asyncio.wait_for(_receive(ours), HELLO_TIMEOUT)
         if hello is None or hello[0].get("op") != "hello":
             raise WorkerGone(f"worker {slot.index} (pid {slot.pid}) exited as it started")
@@ -411,6 +413,7 @@ class WorkerPool:
         for slot, reply in zip(self.slots, replies, strict=True):
             if isinstance(reply, dict) and "stats" in reply:
                 slot.report = {int(key): value for key, value in reply["stats"].items()}
+                slot.flow_budget = reply.get("budget", [0, 0])
         self._sum()
 
     def _sum(self) -> None:
@@ -430,6 +433,8 @@ class WorkerPool:
             for per_mapping in slot.report.values():
                 accepted += sum(values[0] for values in per_mapping)  # "accepted" is first
             self.engine_stats.worker_accepted[slot.index] = accepted
+        self.engine_stats.worker_flow_budget = [sum(slot.flow_budget[i] for slot in self.slots)
+                                                for i in (0, 1)]
 
     def refresh_from_thread(self) -> None:
         """For the /metrics thread: refresh on the engine's loop, waiting a moment at most."""
@@ -504,6 +509,7 @@ def worker_main(args: Sequence[str],
     except (OSError, ValueError):
         return 1  # the supervisor went before it said anything
     config = config_from_args(parse_args(first["argv"]))
+    share_ports(first.get("workers", 1))  # the engine's share of ports, split between us
     try:
         setup_logging(config)
         setup_access_log(config)
@@ -573,6 +579,8 @@ class _Worker:
             elif op == "stats":
                 reply["stats"] = {str(key): [_stats_values(s) for s in p.stats.values()]
                                   for key, p in self.publications.items()}
+                budget = process_budget()
+                reply["budget"] = [budget.limit, budget.used]
         except StartupError as exc:
             reply["error"] = str(exc)
         except Exception as exc:  # noqa: BLE001 -- one request must not end the worker
