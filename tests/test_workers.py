@@ -113,8 +113,9 @@ def test_workers_junk_is_a_usage_error(value_, tmp_path):
     assert b"-workers" in err and b"Traceback" not in err
 
 
-def test_workers_without_engine_is_a_usage_error():
-    proc = spawn(["-workers", "2", *docker_args(free_port(), 9)], {})
+@pytest.mark.parametrize("value_", ["2", "auto"])
+def test_workers_without_engine_is_a_usage_error(value_):
+    proc = spawn(["-workers", value_, *docker_args(free_port(), 9)], {})
     assert proc.wait(timeout=20) == 2
     err = output(proc)[1]
     assert b"argument -workers: only with -engine" in err and b"Traceback" not in err
