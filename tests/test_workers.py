@@ -24,6 +24,7 @@ from tests.helpers import (
     exchange,
     free_port,
     output,
+    read_status,
     reattaching,
     refused,
     scrape,
@@ -271,6 +272,35 @@ def test_workers_split_the_engines_udp_flow_budget_and_metrics_sum_it(tmp_path, 
     finally:
         engine.stop(signal.SIGINT)
         backend.close()
+
+
+def test_a_stop_while_the_workers_are_told_frees_the_port_before_the_spawn_exits(
+        tmp_path, proxy_loop_env):
+    """dockerd stops a spawn whose registration the engine is still serving: the supervisor has
+    bound the port and waits for its workers (one is held here with SIGSTOP). The spawn asks
+    the engine to release the port first, so the port is free once the process is gone, not
+    when the engine later notices the closed connection."""
+    path = str(tmp_path / "engine.sock")
+    engine, _ = start_engine(path, proxy_loop_env)
+    port = free_port()
+    worker = workers_of(engine.proc.pid)[0]
+    read_end, write_end = os.pipe()
+    os.kill(worker, signal.SIGSTOP)
+    try:
+        proc = spawn(docker_args(port, 9), {3: write_end}, env={"PYPROXY_ENGINE_SOCKET": path})
+        os.close(write_end)
+        until(lambda: not refused(port), within=10)  # bound by the supervisor, not yet served
+        proc.send_signal(signal.SIGINT)
+        time.sleep(0.1)
+    finally:
+        os.kill(worker, signal.SIGCONT)
+    assert proc.wait(timeout=10) == 0
+    assert refused(port)  # released before the spawn exited
+    assert read_status(read_end) == b""  # nothing on fd 3: dockerd counts the start as failed
+    os.close(read_end)
+    assert engine.proc.poll() is None
+    engine.stop(signal.SIGINT)
+    assert engine.proc.returncode == 0
 
 
 def test_reload_with_workers_under_a_connection_loop(tmp_path, proxy_loop_env):
