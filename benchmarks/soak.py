@@ -2,6 +2,12 @@
 set time, sampling its RSS, open fds, CPU and error counts every second.
 
     .venv/bin/python benchmarks/soak.py --minutes 10
+    .venv/bin/python benchmarks/soak.py --minutes 3 --engine-workers 2
+
+With --engine-workers N the mappings are served by `pyproxy -engine -workers N` instead,
+registered by one pyproxy as dockerd's spawns register (it becomes a waiter); what is sampled
+is then the engine and its workers together (RSS and fds summed, CPU of the tree), and the
+metrics are the engine's, summed over its workers.
 
 The mix, all on loopback: HTTP keep-alive (wrk, 20 connections), new connections (wrk with
 `Connection: close`, 5 at a time), UDP request/response from 50 clients, and a bulk TCP
@@ -19,17 +25,19 @@ import re
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.request
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from measure import cpu_seconds
+from measure import children, cpu_seconds
 from peers import (
     LOAD_CPU,
     PROXY_CPU,
     PYPROXY,
+    REPO,
     free_port,
     http_backend,
     iperf_backend,
@@ -42,6 +50,18 @@ RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 def status_field(pid: int, name: str) -> int:
     with open(f"/proc/{pid}/status") as f:
         return int(next(l for l in f if l.startswith(name)).split()[1])
+
+
+def rss_and_fds(pid: int, tree: bool) -> tuple[float, int]:
+    """RSS (MiB) and open fds of pid, or of pid and every descendant (an engine's workers)."""
+    rss, fds = 0, 0
+    for p in [pid, *(children(pid) if tree else [])]:
+        try:
+            rss += status_field(p, "VmRSS:")
+            fds += len(os.listdir(f"/proc/{p}/fd"))
+        except (OSError, StopIteration):
+            pass  # a worker being restarted
+    return rss / 1024, fds
 
 
 def scrape(port: int) -> dict[str, float]:
@@ -123,16 +143,36 @@ def udp_echo(port: int) -> subprocess.Popen:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--minutes", type=float, default=10)
+    parser.add_argument("--engine-workers", type=int, default=0, metavar="N",
+                        help="serve through `pyproxy -engine -workers N` (default 0: one "
+                        "standalone pyproxy)")
     args = parser.parse_args()
     os.makedirs(RESULTS, exist_ok=True)
     http_port, iperf_port, udp_backend_port = free_port(), free_port(), free_port()
     backends = [http_backend(http_port), iperf_backend(iperf_port), udp_echo(udp_backend_port)]
     tcp_port, bulk_port, udp_port, metrics = free_port(), free_port(), free_port(), free_port()
-    proxy = subprocess.Popen(
-        ["taskset", "-c", PROXY_CPU, PYPROXY, "-container-ip", "127.0.0.1",
-         "-p", f"127.0.0.1:{tcp_port}:{http_port}", "-p", f"127.0.0.1:{bulk_port}:{iperf_port}",
-         "-p", f"127.0.0.1:{udp_port}:{udp_backend_port}/udp", "-metrics-addr", f"127.0.0.1:{metrics}"],
-        stdout=subprocess.DEVNULL, env={**os.environ, "PYPROXY_ENGINE_SOCKET": ""})
+    publish = ["-container-ip", "127.0.0.1", "-p", f"127.0.0.1:{tcp_port}:{http_port}",
+               "-p", f"127.0.0.1:{bulk_port}:{iperf_port}",
+               "-p", f"127.0.0.1:{udp_port}:{udp_backend_port}/udp"]
+    waiter = None
+    # The checkout's code, not whatever copy is installed beside the console script.
+    env = {**os.environ, "PYTHONPATH": REPO}
+    if args.engine_workers:
+        directory = tempfile.mkdtemp(prefix="pyproxy-soak-")  # 0700: the engine's checks
+        path = os.path.join(directory, "engine.sock")
+        proxy = subprocess.Popen(
+            ["taskset", "-c", PROXY_CPU, PYPROXY, "-engine", "-engine-socket", path,
+             "-workers", str(args.engine_workers), "-metrics-addr", f"127.0.0.1:{metrics}"],
+            stdout=subprocess.DEVNULL, env=env)
+        deadline = time.monotonic() + 30
+        while not os.path.exists(path) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        waiter = subprocess.Popen([PYPROXY, *publish], stdout=subprocess.DEVNULL,
+                                  env={**env, "PYPROXY_ENGINE_SOCKET": path})
+    else:
+        proxy = subprocess.Popen(["taskset", "-c", PROXY_CPU, PYPROXY, *publish,
+                                  "-metrics-addr", f"127.0.0.1:{metrics}"],
+                                 stdout=subprocess.DEVNULL, env={**env, "PYPROXY_ENGINE_SOCKET": ""})
     time.sleep(1.5)
     load = Load(tcp_port, udp_port, bulk_port)
     load.start()
@@ -143,10 +183,13 @@ def main() -> int:
         while time.monotonic() - started < args.minutes * 60:
             time.sleep(1.0)
             m = scrape(metrics)
+            rss, fds = rss_and_fds(proxy.pid, tree=bool(args.engine_workers))
             samples.append({
                 "t": round(time.monotonic() - started, 1),
-                "rss_mib": status_field(proxy.pid, "VmRSS:") / 1024,
-                "fds": len(os.listdir(f"/proc/{proxy.pid}/fd")),
+                "rss_mib": rss,
+                "fds": fds,
+                "processes": 1 + len(children(proxy.pid)),
+                "worker_restarts": m.get("pyproxy_worker_restarts_total", 0),
                 "cpu_s": cpu_seconds(proxy.pid) - cpu_before,
                 "connections": m.get("pyproxy_connections_accepted_total", 0),
                 "dial_failures": m.get("pyproxy_backend_dial_failures_total", 0),
@@ -160,11 +203,14 @@ def main() -> int:
     finally:
         load.stop.set()
         time.sleep(6)  # let the workers' last runs end
+        if waiter is not None:
+            stop(waiter)
         stop(proxy)
         for b in backends:
             stop(b)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     summary = summarize(samples, load)
+    summary["engine_workers"] = args.engine_workers
     with open(os.path.join(RESULTS, f"soak-{stamp}.json"), "w") as f:
         json.dump({"summary": summary, "samples": samples}, f, indent=1)
     draw(samples, os.path.join(RESULTS, f"soak-{stamp}.png"))
@@ -184,6 +230,8 @@ def summarize(samples: list[dict], load: Load) -> dict:  # type: ignore[type-arg
         "errors": dict(load.errors),
         "dial_failures": samples[-1]["dial_failures"] if samples else 0,
         "udp_dropped": samples[-1]["udp_dropped"] if samples else 0,
+        "processes_min_max": [min(s["processes"] for s in warm), max(s["processes"] for s in warm)],
+        "worker_restarts": samples[-1]["worker_restarts"] if samples else 0,
     }
 
 

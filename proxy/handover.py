@@ -410,9 +410,13 @@ def _exchange(engine: _socket.socket, argv: Sequence[str], fds: Sequence[int],
               reattach: bool) -> tuple[int, str, list[int]]:
     """Send the request with `fds` attached; the reply and the fds that came with it.
     OSError (ConnectionError if the engine closed the connection first) or WireError."""
+    global _registered
     ancillary = [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS,
                   b"".join(fd.to_bytes(4, sys.byteorder) for fd in fds))] if fds else []
     engine.sendmsg([frame(encode_request(argv, reattach))], ancillary)
+    # From here the engine may hold the port for us (bound, its workers being told) before it
+    # answers: a stop signal asks it to release the port first (see _stop_now).
+    _registered = engine
     buffer, received = b"", []
     while (payload := unframe(buffer)) is None:
         chunk, messages, _, _ = engine.recvmsg(65536, _FD_SPACE)
@@ -434,23 +438,26 @@ def _exchange(engine: _socket.socket, argv: Sequence[str], fds: Sequence[int],
     return code, body, received
 
 
-# The engine connection once it answered 0, until the waiter's trap takes over (see _stop_now).
-_answered: _socket.socket | None = None
+# The engine connection once our request is sent, until the waiter's trap takes over (see
+# _stop_now).
+_registered: _socket.socket | None = None
 STOP_TIMEOUT = 2.0  # for the engine's "ok" to a stop, as the waiter's `read -r ack` waits
 
 
 def _stop_now(signum: int, frame: object) -> None:
     # Until the server's own handlers or the waiter's trap take over: nothing is on fd 3 yet,
-    # so just go. Once an engine has answered 0, first ask it to release the port, as the
-    # trap does: then the port is free when this process is gone, not some time after the
-    # engine notices the connection closed (a re-attaching waiter is stopped by dockerd
-    # with no status pipe to tell it anything else).
-    engine = _answered
+    # so just go. Once the engine has our request, it may be holding the port (answered 0, or
+    # still telling its workers), so first ask it to release the port, as the trap does: then
+    # the port is free when this process is gone, not some time after the engine notices the
+    # connection closed (a re-attaching waiter is stopped by dockerd with no status pipe to
+    # tell it anything else). The engine reads "stop" once it has answered, releases, says
+    # "ok" and closes; if it refused the request it just closes: either way, read to EOF.
+    engine = _registered
     if engine is not None:
         try:
             engine.settimeout(STOP_TIMEOUT)
             engine.sendall(b"stop\n")
-            while (answer := engine.recv(64)) and b"ok" not in answer:
+            while engine.recv(4096):  # an answer's fds, unasked for, are closed by the kernel
                 pass
         except OSError:
             pass  # the engine is gone: its copies are closed with it
@@ -504,8 +511,6 @@ def _become_waiter(shell: str, engine: _socket.socket, lines: str, answers_fd3: 
                    held: Sequence[int], argv: Sequence[str]) -> str:
     """Exec the waiter: the engine connection on fds 0 and 1, the held sockets where they
     are. Returns only if the exec failed: why."""
-    global _answered
-    _answered = engine  # from here a stop signal asks the engine to release first
     for fd in held:
         os.set_inheritable(fd, True)
     os.dup2(engine.fileno(), 0)

@@ -486,3 +486,21 @@ def reattaching(pid: int) -> bool:
     except (OSError, StopIteration):
         return False
     return bool(int(caught.split()[1], 16) & (1 << (signal.SIGTERM - 1)))
+
+
+def workers_of(pid: int) -> list[int]:
+    """The engine's worker processes: its children whose command line says so."""
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            children = [int(c) for c in f.read().split()]
+    except OSError:
+        return []
+    found = []
+    for child in children:
+        try:
+            with open(f"/proc/{child}/cmdline") as f:
+                if "-engine-worker" in f.read():  # a zombie's cmdline is empty
+                    found.append(child)
+        except OSError:
+            pass
+    return sorted(found)

@@ -30,6 +30,7 @@ from tests.helpers import (
     read_status,
     refused,
     spawn,
+    workers_of,
 )
 
 pytestmark = pytest.mark.timeout(120)
@@ -141,12 +142,17 @@ def test_the_engine_exits_once_idle_and_removes_its_socket(site, proxy_loop_env)
     try:
         assert s.wait() == b"0\n"
         [engine] = engines(path)
+        # started with the default -workers: one per CPU it may run on (none with one CPU)
+        cpus = len(os.sched_getaffinity(0))
+        workers = workers_of(engine)
+        assert len(workers) == (cpus if cpus > 1 else 0)
         time.sleep(1.5)  # longer than the idle exit, but a mapping is held: it stays
         assert engines(path) == [engine]
         assert exchange("127.0.0.1", port) == b"ping"
         s.proc.send_signal(signal.SIGINT)
         assert s.proc.wait(timeout=5) == 0
         assert wait_until(lambda: not engines(path))
+        assert wait_until(lambda: not any(alive(pid) for pid in workers))  # they go with it
         assert not os.path.exists(path)
         with open(site["PYPROXY_ENGINE_LOG_FILE"]) as log:
             assert "engine: no mapping for 1s: exiting" in log.read()

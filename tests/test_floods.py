@@ -32,6 +32,10 @@ def test_flow_budget_arithmetic() -> None:
     assert flow_limit(1 << 20, LINUX_RANGE) == 14116
     assert flow_limit(1 << 20, (60000, 60999)) == 500
     assert flow_limit(3, LINUX_RANGE) == 1  # never zero: one flow can always be tried
+    # an engine's two workers split the ports' share (each has its own fds)
+    assert flow_limit(1 << 20, LINUX_RANGE, sharers=2) == 7058
+    assert flow_limit(20000, LINUX_RANGE, sharers=2) == 7058
+    assert flow_limit(64, LINUX_RANGE, sharers=2) == 24
 
 
 def test_ephemeral_port_range_read_or_defaulted(tmp_path) -> None:

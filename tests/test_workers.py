@@ -6,6 +6,7 @@ with dockerd's fd layout."""
 from __future__ import annotations
 
 import os
+import resource
 import signal
 import socket
 import threading
@@ -14,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from proxy.ground.budget import ephemeral_port_range, flow_limit
 from tests.helpers import (
     EchoBackend,
     Proxy,
@@ -22,6 +24,7 @@ from tests.helpers import (
     exchange,
     free_port,
     output,
+    read_status,
     reattaching,
     refused,
     scrape,
@@ -29,6 +32,7 @@ from tests.helpers import (
     spawn_via,
     value,
     waiting,
+    workers_of,
 )
 from tests.test_survive import ConnectLoop, serves_tcp, serves_udp, until
 
@@ -40,24 +44,6 @@ def start_engine(path: str, env: dict[str, str], *extra: str) -> tuple[Proxy, in
     engine = Proxy(["-engine", "-engine-socket", path, "-metrics-addr", f"127.0.0.1:{metrics}",
                     "-workers", "2", *extra], env=env)
     return engine, metrics
-
-
-def workers_of(pid: int) -> list[int]:
-    """The engine's worker processes: its children whose command line says so."""
-    try:
-        with open(f"/proc/{pid}/task/{pid}/children") as f:
-            children = [int(c) for c in f.read().split()]
-    except OSError:
-        return []
-    found = []
-    for child in children:
-        try:
-            with open(f"/proc/{child}/cmdline") as f:
-                if "-engine-worker" in f.read() and _alive(child):
-                    found.append(child)
-        except OSError:
-            pass
-    return sorted(found)
 
 
 class RecordingUdpEcho:
@@ -83,7 +69,45 @@ class RecordingUdpEcho:
         self.sock.close()
 
 
-@pytest.mark.parametrize("value_", ["0", "-1", "x", "1.5", ""])
+CPUS = sorted(os.sched_getaffinity(0))
+
+
+@pytest.mark.parametrize(("workers", "cpus", "expected"), [
+    ([], CPUS, len(CPUS)),  # the default: one per CPU it may run on
+    (["-workers", "auto"], CPUS, len(CPUS)),
+    ([], CPUS[:1], 0),  # pinned to one CPU (taskset, a cpuset): its own process serves
+    (["-workers", "1"], CPUS, 0),  # one: the engine's own process, no worker
+])
+def test_default_workers_are_the_cpus_the_engine_may_run_on(tmp_path, proxy_loop_env, workers,
+                                                             cpus, expected):
+    path = str(tmp_path / "engine.sock")
+    engine = Proxy(["-engine", "-engine-socket", path, *workers], env=proxy_loop_env,
+                   preexec=lambda: os.sched_setaffinity(0, cpus))
+    backend = EchoBackend()
+    port = free_port()
+    try:
+        expected = 0 if expected == 1 else expected  # auto on a one-CPU machine: no worker
+        assert len(workers_of(engine.proc.pid)) == expected
+        waiter = spawn_via(path, docker_args(port, backend.port))
+        assert exchange("127.0.0.1", port) == b"ping"
+        waiter.stop(signal.SIGINT)
+        assert waiter.proc.returncode == 0 and refused(port)
+    finally:
+        engine.stop(signal.SIGINT)
+        backend.close()
+    assert engine.proc.returncode == 0
+
+
+def test_help_shows_the_workers_default_and_what_it_is_here():
+    proc = spawn(["-h"], {})
+    assert proc.wait(timeout=20) == 0
+    text = " ".join(output(proc)[0].decode().split())  # argparse wraps the help text
+    assert "-workers N|auto" in text
+    assert f"auto: one per CPU the engine may run on ({len(CPUS)} here)" in text
+    assert "1: the engine's own process (default: auto)" in text
+
+
+@pytest.mark.parametrize("value_", ["0", "-1", "x", "1.5", "", "AUTO"])
 def test_workers_junk_is_a_usage_error(value_, tmp_path):
     proc = spawn(["-engine", "-engine-socket", str(tmp_path / "e.sock"), "-workers", value_], {})
     assert proc.wait(timeout=20) == 2
@@ -91,8 +115,9 @@ def test_workers_junk_is_a_usage_error(value_, tmp_path):
     assert b"-workers" in err and b"Traceback" not in err
 
 
-def test_workers_without_engine_is_a_usage_error():
-    proc = spawn(["-workers", "2", *docker_args(free_port(), 9)], {})
+@pytest.mark.parametrize("value_", ["2", "auto"])
+def test_workers_without_engine_is_a_usage_error(value_):
+    proc = spawn(["-workers", value_, *docker_args(free_port(), 9)], {})
     assert proc.wait(timeout=20) == 2
     err = output(proc)[1]
     assert b"argument -workers: only with -engine" in err and b"Traceback" not in err
@@ -223,6 +248,60 @@ def test_a_udp_client_stays_on_one_worker(tmp_path, proxy_loop_env):
         engine.stop(signal.SIGINT)
         for b in backends:
             b.close()
+
+
+def test_workers_split_the_engines_udp_flow_budget_and_metrics_sum_it(tmp_path, proxy_loop_env):
+    """Each worker holds its own flows: together they keep to the engine's share of the host's
+    ephemeral ports (half the range), and pyproxy_udp_flow_budget shows the sum."""
+    path = str(tmp_path / "engine.sock")
+    engine, metrics = start_engine(path, proxy_loop_env)
+    backend = RecordingUdpEcho()
+    port = free_port(kind=socket.SOCK_DGRAM)
+    try:
+        spawn_via(path, docker_args(port, backend.port, proto="udp"))
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as c:  # one flow
+            c.settimeout(5)
+            c.sendto(b"one", ("127.0.0.1", port))
+            assert c.recvfrom(100)[0] == b"one"
+        nofile = resource.getrlimit(resource.RLIMIT_NOFILE)[1]  # the engine raised it to this
+        per_worker = flow_limit(nofile, ephemeral_port_range(), sharers=2)
+        samples = scrape(metrics)
+        assert value(samples, "pyproxy_udp_flow_budget", state="limit") == 2 * per_worker
+        assert value(samples, "pyproxy_udp_flow_budget", state="used") == 1
+        low, high = ephemeral_port_range()
+        assert 2 * per_worker <= (high - low + 1) // 2  # the engine's share of the ports, no more
+    finally:
+        engine.stop(signal.SIGINT)
+        backend.close()
+
+
+def test_a_stop_while_the_workers_are_told_frees_the_port_before_the_spawn_exits(
+        tmp_path, proxy_loop_env):
+    """dockerd stops a spawn whose registration the engine is still serving: the supervisor has
+    bound the port and waits for its workers (one is held here with SIGSTOP). The spawn asks
+    the engine to release the port first, so the port is free once the process is gone, not
+    when the engine later notices the closed connection."""
+    path = str(tmp_path / "engine.sock")
+    engine, _ = start_engine(path, proxy_loop_env)
+    port = free_port()
+    worker = workers_of(engine.proc.pid)[0]
+    read_end, write_end = os.pipe()
+    os.kill(worker, signal.SIGSTOP)
+    try:
+        proc = spawn(docker_args(port, 9), {3: write_end}, env={"PYPROXY_ENGINE_SOCKET": path})
+        os.close(write_end)
+        until(lambda: not refused(port), within=10)  # bound by the supervisor, not yet served
+        proc.send_signal(signal.SIGINT)
+        time.sleep(0.1)
+    finally:
+        os.kill(worker, signal.SIGCONT)
+    assert proc.wait(timeout=10) == 0
+    assert refused(port)  # released before the spawn exited
+    assert read_status(read_end) == b""  # nothing on fd 3: dockerd counts the start as failed
+    os.close(read_end)
+    assert engine.proc.poll() is None
+    engine.stop(signal.SIGINT)
+    assert engine.proc.returncode == 0
 
 
 def test_reload_with_workers_under_a_connection_loop(tmp_path, proxy_loop_env):

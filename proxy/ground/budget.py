@@ -25,17 +25,28 @@ FD_RESERVE = 64
 FLOW_FD_SHARE = 0.5
 # Of the ephemeral port range, flows get at most this share; the rest is the host's (its
 # resolver, its other programs' UDP and TCP). Each pyproxy process draws on its own share, so
-# the engine, which serves every mapping from one process, is where this bound holds for a host.
+# the engine, which serves every mapping, is where this bound holds for a host: its N worker
+# processes each take 1/N of it (share_ports).
 FLOW_PORT_SHARE = 0.5
+_port_sharers = 1
 
 
-def flow_limit(nofile: int, port_range: tuple[int, int]) -> int:
+def flow_limit(nofile: int, port_range: tuple[int, int], sharers: int = 1) -> int:
     """How many UDP flows a process with `nofile` descriptors may hold, given the host's
-    ephemeral `port_range` (inclusive): the smaller of the two shares, and at least 1."""
+    ephemeral `port_range` (inclusive), when `sharers` processes split the ports' share: the
+    smaller of the two shares, and at least 1."""
     reserve = min(FD_RESERVE, nofile // 4)
     by_fds = int((nofile - reserve) * FLOW_FD_SHARE)
-    by_ports = int((port_range[1] - port_range[0] + 1) * FLOW_PORT_SHARE)
+    by_ports = int((port_range[1] - port_range[0] + 1) * FLOW_PORT_SHARE) // sharers
     return max(1, min(by_fds, by_ports))
+
+
+def share_ports(sharers: int) -> None:
+    """This process is one of `sharers` (an engine's workers) that split the host's share of
+    ephemeral ports; before its first flow. (Each has descriptors of its own.)"""
+    global _port_sharers
+    _port_sharers = sharers
+    process_budget.cache_clear()
 
 
 def ephemeral_port_range(path: str = PORT_RANGE_FILE) -> tuple[int, int]:
@@ -90,4 +101,4 @@ def process_budget() -> FlowBudget:
     nofile = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
     if nofile == resource.RLIM_INFINITY:
         nofile = 1 << 20
-    return FlowBudget(flow_limit(nofile, ephemeral_port_range()))
+    return FlowBudget(flow_limit(nofile, ephemeral_port_range(), _port_sharers))

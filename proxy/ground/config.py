@@ -13,6 +13,7 @@ Pure logic, no I/O: each parser raises ValueError with a message that reads well
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
 import socket
 from collections.abc import Callable, Iterable
@@ -295,6 +296,21 @@ def _positive(instance: object, attribute: attrs.Attribute, value: float) -> Non
         raise ValueError(f"{attribute.name} must not be negative")
 
 
+def available_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask, as a cgroup's cpuset or taskset
+    narrows it), not the host's count: what "-workers auto" means."""
+    return len(os.sched_getaffinity(0))
+
+
+def parse_workers(text: str) -> int:
+    """-workers: "auto" (0: one worker per available CPU) or a whole number of at least 1."""
+    if text == "auto":
+        return 0
+    if not is_decimal(text) or int(text) < 1:
+        raise ValueError("not auto or a whole number of at least 1")
+    return int(text)
+
+
 def _option(text: str, parse: Callable[[str], Any], **kw: Any) -> Any:
     """A field whose flag default is `text`, written as a user writes it ("90s"): the field
     holds its parsed value, and -h shows the text (proxy.ground.flags reads it from here)."""
@@ -333,8 +349,8 @@ class ProcessOptions:
     # An engine exits once no mapping has been registered for this long; 0: never (an engine
     # a service manager runs). An engine that a spawned pyproxy started gets one (handover).
     engine_idle_exit: float = _option("0", parse_duration, validator=_positive)
-    # The engine's worker processes (proxy.modes.workers); 0: not given, the engine's default.
-    workers: int = 0
+    # The engine's worker processes (proxy.modes.workers); 0 ("auto"): one per CPU it may run on.
+    workers: int = _option("auto", parse_workers)
 
 
 @frozen

@@ -22,12 +22,14 @@ from proxy.ground.config import (
     Config,
     Mapping,
     PortRange,
+    available_cpus,
     expand_ranges,
     is_decimal,
     parse_cidr,
     parse_duration,
     parse_ip,
     parse_publish,
+    parse_workers,
 )
 from proxy.ground.wire import DEFAULT_ENGINE_SOCKET, ENGINE_SOCKET_ENV, engine_socket_path
 
@@ -64,12 +66,6 @@ def _parse_bool(text: str) -> bool:
 def _parse_count(text: str) -> int:
     if not is_decimal(text):
         raise ValueError("not a non-negative whole number")
-    return int(text)
-
-
-def _parse_workers(text: str) -> int:
-    if not is_decimal(text) or int(text) < 1:
-        raise ValueError("not a whole number of at least 1")
     return int(text)
 
 
@@ -246,9 +242,11 @@ def build_parser() -> argparse.ArgumentParser:
          metavar="PATH")
     flag("engine-idle-exit", parse_duration, _default("engine_idle_exit"),
          "with -engine: exit once no mapping has been held for D (0: never)", metavar="D")
-    flag("workers", _parse_workers, _default("workers"),
-         "with -engine: worker processes that serve the mappings (default: 1, the engine's "
-         "own process; e.g. the CPUs the engine may run on)", metavar="N")
+    # No argparse default, so that a -workers given without -engine is refused even as "auto".
+    flag("workers", parse_workers, None,
+         "with -engine: worker processes that serve the mappings; auto: one per CPU the "
+         f"engine may run on ({available_cpus()} here); 1: the engine's own process "
+         f"(default: {_default('workers')})", metavar="N|auto")
     flag("drain-timeout", parse_duration, _default("drain_timeout"),
          "on SIGTERM, let open connections finish for up to D (default: 0, exit at once)",
          metavar="D")
@@ -362,7 +360,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
         _check_engine_socket(args.engine_socket)
     if args.engine_idle_exit and not args.engine:
         raise UsageError("argument -engine-idle-exit: only with -engine")
-    if args.workers and not args.engine:
+    if args.workers is not None and not args.engine:
         raise UsageError("argument -workers: only with -engine")
     if not mappings and not args.engine:
         raise UsageError("nothing to publish: give -host-port and -container-port, or -p")
@@ -388,6 +386,8 @@ def config_from_args(args: argparse.Namespace) -> Config:
     # Every pyproxy flag's dest is a Config field of the same name (tests/test_config.py
     # keeps them in step), so the rest of the Config is read straight off the flags.
     own = {f.name: getattr(args, f.name) for f in attrs.fields(Config) if f.name != "mappings"}
+    if own["workers"] is None:
+        own["workers"] = parse_workers(_default("workers"))
     return Config(mappings=mappings, **own)
 
 

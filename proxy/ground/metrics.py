@@ -77,11 +77,15 @@ class StatsCollector(Collector):
                           "UDP datagrams not relayed: send failed, client not allowed, or no "
                           "flow could be opened for a new client", ["reason"])
         budget = process_budget()
+        limit, used = budget.limit, budget.used
+        if self._engine is not None and self._engine.worker_flow_budget is not None:
+            limit, used = self._engine.worker_flow_budget  # the workers hold the flows
         flow_budget = GaugeMetricFamily("pyproxy_udp_flow_budget",
-                                        "UDP flows of the whole process: its limit and how many "
-                                        "are in use", labels=["state"])
-        flow_budget.add_metric(["limit"], budget.limit)
-        flow_budget.add_metric(["used"], budget.used)
+                                        "UDP flows of the whole process (an engine's: of its "
+                                        "workers together): its limit and how many are in use",
+                                        labels=["state"])
+        flow_budget.add_metric(["limit"], limit)
+        flow_budget.add_metric(["used"], used)
         for mapping, s in list(self._stats.items()):
             lv = _label_values(mapping)
             can = CAPABILITIES[mapping.proto]

@@ -65,3 +65,5 @@ class EngineStats:
     worker_restarts: int = 0
     worker_connections_lost: int = 0
     worker_accepted: dict[int, int] = Factory(dict)
+    # The workers' UDP flow budgets summed, [limit, used] (the supervisor holds no flow).
+    worker_flow_budget: list[int] | None = None

@@ -40,7 +40,7 @@ import sys
 from typing import Any
 
 from proxy.ground import sdnotify
-from proxy.ground.config import Config, Mapping, ProcessOptions
+from proxy.ground.config import Config, Mapping, ProcessOptions, available_cpus
 from proxy.ground.flags import UsageError, config_from_args, parse_args
 from proxy.ground.heap import freeze_startup
 from proxy.ground.listing import rows_from_stats
@@ -68,7 +68,6 @@ log = logging.getLogger("pyproxy")
 REQUEST_TIMEOUT = 5.0  # a spawned pyproxy sends its request at once; an idle peer is dropped
 ANSWER_TIMEOUT = 10.0  # dockerd gives up on "0\n" after 16 s: answer well before
 RELOAD_TIMEOUT = 20.0
-DEFAULT_WORKERS = 1  # for the new engine's "0" on its status pipe
 RETIRE_GRACE = 0.5  # an idle engine accepts this long after unlinking its socket (see serve)
 _UCRED = struct.Struct("3i")  # pid, uid, gid
 # Room for a re-attach's sockets, one per mapping: the kernel closes any more that come.
@@ -270,11 +269,9 @@ class Engine:
             self.pool.refresh_from_thread()
 
     async def _start_workers(self) -> None:
-        """-workers N (N > 1): the worker processes; if they cannot start, serve here."""
-        # Worker processes are opt-in for now (-workers N): the engine's own process, as an
-        # auto-started engine has always served, until workers have had the soak and the
-        # many-port memory figures the single process has (see README, "Multi-core").
-        count = self.config.workers or DEFAULT_WORKERS
+        """The worker processes (-workers N, default auto: one per CPU we may run on), unless
+        that is 1; if they cannot start, serve here."""
+        count = self.config.workers or available_cpus()
         if count <= 1:
             return
         # Before the workers are forked: the start-up objects they share with us stay shared

@@ -43,6 +43,7 @@ from typing import Any
 
 import attrs
 
+from proxy.ground.budget import process_budget, share_ports
 from proxy.ground.flags import config_from_args, parse_args
 from proxy.ground.logs import reopen_log_file
 from proxy.ground.sockets import StartupError, go_strerror, wait_fd
@@ -160,6 +161,7 @@ class _Slot:
     report: dict[int, list[list[Any]]] = attrs.Factory(dict)
     retired_accepted: int = 0
     serving: asyncio.Event = attrs.Factory(asyncio.Event)  # up and given its mappings
+    flow_budget: list[int] = attrs.Factory(lambda: [0, 0])  # its UDP flow limit and use
     started: float = 0.0
 
 
@@ -231,8 +233,8 @@ class WorkerPool:
         theirs.close()
         slot.pid = pid
         slot.channel, slot.report, slot.started = ours, {}, time.monotonic()
-        # The engine's own flags (for its log options) go on the channel, as to any worker.
-        await _send(ours, {"op": "config", "argv": self.engine_argv})
+        # The engine's own flags (for its log options) and how many workers share its ports.
+        await _send(ours, {"op": "config", "argv": self.engine_argv, "workers": len(self.slots)})
         hello = await asyncio.wait_for(_receive(ours), HELLO_TIMEOUT)
         if hello is None or hello[0].get("op") != "hello":
             raise WorkerGone(f"worker {slot.index} (pid {slot.pid}) exited as it started")
@@ -416,6 +418,7 @@ class WorkerPool:
         for slot, reply in zip(self.slots, replies, strict=True):
             if isinstance(reply, dict) and "stats" in reply:
                 slot.report = {int(key): value for key, value in reply["stats"].items()}
+                slot.flow_budget = reply.get("budget", [0, 0])
         self._sum()
 
     def _sum(self) -> None:
@@ -435,6 +438,8 @@ class WorkerPool:
             for per_mapping in slot.report.values():
                 accepted += sum(values[0] for values in per_mapping)  # "accepted" is first
             self.engine_stats.worker_accepted[slot.index] = accepted
+        self.engine_stats.worker_flow_budget = [sum(slot.flow_budget[i] for slot in self.slots)
+                                                for i in (0, 1)]
 
     def refresh_from_thread(self) -> None:
         """For the /metrics thread: refresh on the engine's loop, waiting a moment at most."""
@@ -583,6 +588,7 @@ def worker_main(channel: socket.socket, supervisor: int, slot: int,
     config = config_from_args(parse_args(first["argv"]))
     _inherited.extend([log.handlers[:], logging.getLogger("pyproxy.access").handlers[:],
                        accesslog.current])
+    share_ports(first.get("workers", 1))  # the engine's share of ports, split between us
     try:
         setup_logging(config)
         setup_access_log(config)
@@ -653,6 +659,8 @@ class _Worker:
             elif op == "stats":
                 reply["stats"] = {str(key): [_stats_values(s) for s in p.stats.values()]
                                   for key, p in self.publications.items()}
+                budget = process_budget()
+                reply["budget"] = [budget.limit, budget.used]
         except StartupError as exc:
             reply["error"] = str(exc)
         except Exception as exc:  # noqa: BLE001 -- one request must not end the worker

@@ -1,8 +1,10 @@
-"""pyproxy as the userland proxy of a real dockerd 20.10, standalone and through the engine."""
+"""pyproxy as the userland proxy of a real dockerd 20.10, standalone and through the engine
+(with two worker processes, one of which a test kills)."""
 
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -14,7 +16,7 @@ import pytest
 
 from proxy.handover import BUSYBOX_SH_SUFFIX
 from tests.dockerlab import DockerLab, docker_available
-from tests.helpers import Proxy, close_output, free_port, free_port_block
+from tests.helpers import REPO, Proxy, close_output, free_port, free_port_block, workers_of
 
 pytestmark = [
     pytest.mark.heavy,
@@ -27,15 +29,20 @@ PYPROXY = os.path.join(os.path.dirname(sys.executable), "pyproxy")  # the instal
 
 @pytest.fixture(scope="module", params=["standalone", "engine"])
 def lab(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[DockerLab]:
-    env = {"PYPROXY_ENGINE_SOCKET": ""}
+    # The console script imports whichever pyproxy is installed; PYTHONPATH makes dockerd's
+    # spawns run this checkout, as the engine below does.
+    env = {"PYPROXY_ENGINE_SOCKET": "", "PYTHONPATH": REPO}
     engine = None
     if request.param == "engine":
         path = str(tmp_path_factory.mktemp("engine") / "engine.sock")
-        engine = Proxy(["-engine", "-engine-socket", path])
+        # Two workers whatever the CPUs (the default, auto, gives as many as there are):
+        # test_killed_worker_... kills one while the other must serve.
+        engine = Proxy(["-engine", "-engine-socket", path, "-workers", "2"])
         Proxy.started.remove(engine)  # lives for the module, not one test
-        env = {"PYPROXY_ENGINE_SOCKET": path}
+        env = {**env, "PYPROXY_ENGINE_SOCKET": path}
     lab = DockerLab(PYPROXY, env=env)
     lab.mode = request.param  # type: ignore[attr-defined]
+    lab.engine = engine  # type: ignore[attr-defined]
     try:
         lab.import_busybox()
         lab.import_dnsmasq()
@@ -159,3 +166,60 @@ def test_published_range(lab: DockerLab) -> None:
         lab.docker("rm", "-f", "range", check=False)
     for port in range(base, base + 4):
         assert port_is_free(port)
+
+
+def waiter_pids(port: int) -> set[int]:
+    """The processes dockerd spawned for `port` (each became a waiter holding its mapping)."""
+    found = set()
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                argv0 = f.read().split(b"\0")[0].decode(errors="replace")
+        except OSError:
+            continue
+        if argv0.startswith("pyproxy-wait ") and argv0.endswith(f":{port}"):
+            found.add(int(pid))
+    return found
+
+
+def get_once(port: int) -> str:
+    """One GET, no retry: a refused or reset connection fails the caller."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=10) as r:
+        return r.read().decode()
+
+
+def test_killed_worker_loses_no_client_and_no_spawned_process(lab: DockerLab) -> None:
+    """kill -9 of one of the engine's two workers between two GETs: the next GETs are served
+    (the supervisor keeps the listening socket, the other worker accepts), the worker comes
+    back, nothing dockerd spawned exits, and `docker rm -f` still frees the port."""
+    if lab.mode != "engine":  # type: ignore[attr-defined]
+        pytest.skip("workers are the engine's")
+    engine = lab.engine  # type: ignore[attr-defined]
+    p = free_port()
+    lab.docker("run", "-d", "--name", "killw", "-p", f"127.0.0.1:{p}:80", "pp-busybox:test",
+               "httpd", "-f", "-p", "80", "-h", "/www")
+    try:
+        assert http_get("127.0.0.1", p) == "hello from the container\n"
+        spawned = waiter_pids(p)
+        assert len(spawned) == 1, spawned
+        before = workers_of(engine.proc.pid)
+        assert len(before) == 2, before
+        os.kill(before[0], signal.SIGKILL)
+        for _ in range(5):  # at once: never refused, served by the other worker
+            assert get_once(p) == "hello from the container\n"
+        deadline = time.monotonic() + 20
+        while len(set(workers_of(engine.proc.pid)) - set(before)) != 1:
+            assert time.monotonic() < deadline, "the killed worker was not started again"
+            time.sleep(0.1)
+        for _ in range(5):
+            assert get_once(p) == "hello from the container\n"
+        assert waiter_pids(p) == spawned  # no process dockerd spawned exited
+        assert engine.proc.poll() is None
+        lab.docker("rm", "-f", "killw")
+        deadline = time.monotonic() + 10
+        while not port_is_free(p):
+            assert time.monotonic() < deadline, f"port {p} still taken after docker rm -f"
+            time.sleep(0.1)
+        assert not waiter_pids(p)
+    finally:
+        lab.docker("rm", "-f", "killw", check=False)
