@@ -9,6 +9,9 @@ counters, drives --connections `Connection: close`-style exchanges (connect, sen
 the backend answers and closes, read to EOF) one at a time, dumps, and prints the proxy's
 instructions per connection. The backend is nginx (as bench.py's http_backend), outside
 valgrind. Counts are of the whole process: interpreter, uvloop, libc; not the kernel.
+
+With --keepalive the exchanges are keep-alive requests instead, all on one connection opened
+before the warm-up: instructions per request, the relay's read-and-write path alone.
 """
 
 from __future__ import annotations
@@ -29,6 +32,8 @@ from peers import free_port, http_backend, stop, wait_listening
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REQUEST = b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+KEEPALIVE_REQUEST = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"
+BODY = b"\r\n\r\nok"  # how the backend's every answer ends (peers.http_backend)
 
 
 def exchange(port: int) -> None:
@@ -36,6 +41,16 @@ def exchange(port: int) -> None:
         s.sendall(REQUEST)
         while s.recv(65536):
             pass
+
+
+def keepalive_exchange(s: socket.socket) -> None:
+    s.sendall(KEEPALIVE_REQUEST)
+    answer = b""
+    while not answer.endswith(BODY):
+        chunk = s.recv(65536)
+        if not chunk:
+            raise RuntimeError("the connection closed during a keep-alive request")
+        answer += chunk
 
 
 def totals(out_dir: str) -> int:
@@ -52,7 +67,10 @@ def totals(out_dir: str) -> int:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--connections", type=int, default=2000)
+    parser.add_argument("--connections", type=int, default=2000,
+                        help="exchanges to count (requests, with --keepalive)")
+    parser.add_argument("--keepalive", action="store_true",
+                        help="keep-alive requests on one connection, not a connection each")
     parser.add_argument("--warmup", type=int, default=200)
     parser.add_argument("--python", default=sys.executable)
     parser.add_argument("--cwd", default=REPO, help="the checkout whose proxy/ runs")
@@ -71,23 +89,31 @@ def main() -> int:
     env = {**os.environ, "PYPROXY_ENGINE_SOCKET": "", "PYPROXY_LOOP": args.loop}
     cwd = tempfile.gettempdir() if args.installed else args.cwd
     proxy = subprocess.Popen(cmd, cwd=cwd, env=env, stderr=subprocess.DEVNULL)
+    held: socket.socket | None = None
     try:
         wait_listening(port, timeout=120)
+        if args.keepalive:
+            held = socket.create_connection(("127.0.0.1", port))
+        conn = held
+        run = (lambda: keepalive_exchange(conn)) if conn else (lambda: exchange(port))
         for _ in range(args.warmup):
-            exchange(port)
+            run()
         time.sleep(0.5)
         subprocess.run(["callgrind_control", "-z", str(proxy.pid)], check=True, capture_output=True)
         for _ in range(args.connections):
-            exchange(port)
+            run()
         time.sleep(0.5)  # the last connection's close callbacks
         subprocess.run(["callgrind_control", "-d", str(proxy.pid)], check=True, capture_output=True)
         time.sleep(0.5)
         instructions = totals(out_dir)
     finally:
+        if held:
+            held.close()
         stop(proxy)
         stop(backend)
-    print(f"{instructions / args.connections:,.0f} instructions per connection "
-          f"({args.connections} connections, {args.loop}, {' '.join(args.extra) or 'no flags'})")
+    unit = "request" if args.keepalive else "connection"
+    print(f"{instructions / args.connections:,.0f} instructions per {unit} "
+          f"({args.connections} {unit}s, {args.loop}, {' '.join(args.extra) or 'no flags'})")
     return 0
 
 
