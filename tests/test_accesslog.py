@@ -21,6 +21,7 @@ import pytest
 from proxy.ground import accesslog
 from proxy.ground.accesslog import AccessLog
 from proxy.relays.splice import SPLICE_AFTER, SPLICE_MIN_READ
+from proxy.relays.tcp import ClientSide, ContainerSide, LoggedClientSide, LoggedContainerSide
 from tests.helpers import (
     Proxy,
     free_port,
@@ -307,6 +308,28 @@ async def test_byte_counts_exact_through_splice(access: Lines) -> None:
         assert server.relays[0].stats.spliced >= 1  # the case this test is about
     assert (entry["bytes_from_client"], entry["bytes_from_backend"]) == (len(up), len(down))
     assert entry["end"] in ("client-fin", "backend-fin")
+
+
+@pytest.mark.parametrize("logged", [False, True])
+async def test_sides_count_bytes_only_with_the_log_on(tmp_path: Path, logged: bool) -> None:
+    """Off, a connection is served by the plain sides, whose reads count nothing more; on,
+    by the logged ones (each read adds its size to the line)."""
+    log = accesslog.current = AccessLog(str(tmp_path / "a.log"), "text") if logged else None
+    try:
+        async with held_backend() as (bport, conns), tcp_proxy(bport) as server:
+            reader, writer = await asyncio.open_connection("127.0.0.1", server.relays[0].port)
+            writer.write(b"x")
+            breader, bwriter = await conns.get()
+            await breader.readexactly(1)
+            (client,) = server.relays[0].connections
+            assert type(client) is (LoggedClientSide if logged else ClientSide)
+            assert type(client.peer) is (LoggedContainerSide if logged else ContainerSide)
+            writer.close()
+            bwriter.close()
+    finally:
+        accesslog.current = None
+        if log is not None:
+            log.handler.close()
 
 
 async def test_udp_flow_expiry(access: Lines) -> None:

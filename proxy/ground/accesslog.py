@@ -2,18 +2,15 @@
 association or UDP flow, saying who, where, how much, how long and how it ended.
 
 Off by default and then free: the relays hold `None` and test it only at a connection's
-events (accept, FIN, close), never per read. TCP bytes come from the kernel at close
-(TCP_INFO's tcpi_bytes_received, which splice's bytes count in too); UDP flows and SCTP
-associations add up their sizes only while the log is on.
+events (accept, FIN, close), never per read. While it is on, each relay adds up the bytes it
+reads from either side (TCP and SCTP in classes of their own, chosen once per listener; UDP
+flows behind one test per datagram): the counts are what the proxy relayed, as HAProxy's.
 """
 
 from __future__ import annotations
 
-import _socket
 import asyncio
 import logging
-import socket
-import struct
 import sys
 import time
 from json.encoder import encode_basestring_ascii as _quote  # type: ignore[attr-defined]
@@ -41,33 +38,6 @@ FLUSH_AFTER = 0.05
 
 # "000" to "999": the milliseconds of a line's time and duration.
 _MILLIS = tuple(f"{n:03d}" for n in range(1000))
-
-# struct tcp_info (<linux/tcp.h>, Linux >= 4.1): tcpi_bytes_received, a u64 at offset 128:
-# every byte the peer sent that arrived in order, whether we read it or spliced it.
-_BYTES_RECEIVED = struct.Struct("Q")
-_BYTES_RECEIVED_OFFSET = 128
-
-
-def bytes_received(fd: int, fin: bool) -> int:
-    """Payload bytes that arrived on the TCP socket `fd`. The kernel counts the FIN's sequence
-    number too: `fin` says one arrived (eof_received ran), and takes it off.
-
-    Read through a bare _socket.socket over the fd, detached after: uvloop's socket wrapper
-    builds a whole socket.socket (Python-level __init__ and detach) for every getsockopt, twice
-    this cost. The family given is only stored: TCP_INFO is asked of the kernel's socket."""
-    try:
-        sock = _socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, fd)
-    except (OSError, ValueError):  # closed already (fd -1)
-        return 0
-    try:
-        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _BYTES_RECEIVED_OFFSET + 8)
-        count = _BYTES_RECEIVED.unpack_from(info, _BYTES_RECEIVED_OFFSET)[0]
-    except (OSError, struct.error):  # closed meanwhile, or an old kernel
-        return 0
-    finally:
-        sock.detach()
-    return max(count - fin, 0)  # type: ignore[no-any-return]
-
 
 def hostport(addr: Any) -> str:
     """A socket address as ip:port ([v6]:port); an IPv4 client on a dual-stack socket as IPv4.
