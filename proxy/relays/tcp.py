@@ -84,8 +84,9 @@ class _Side(asyncio.Protocol):
         """Our peer sent its FIN. Half-close: pass it on and keep the reverse direction
         flowing; once both directions have ended, close both ends."""
         self.eof = True
-        if self.record is not None:
-            self.record.ended(accesslog.CLIENT_FIN if self.FROM_CLIENT else accesslog.BACKEND_FIN)
+        record = self.record
+        if record is not None and record.end is None:  # Record.ended() for a FIN, without a call
+            record.end = accesslog.CLIENT_FIN if self.FROM_CLIENT else accesslog.BACKEND_FIN
         peer = self.peer
         if peer is not None and peer.transport is not None:
             if peer.eof:
@@ -123,7 +124,9 @@ class _Side(asyncio.Protocol):
         if record is not None:  # the access log's line is written once both sockets are closed
             if exc is not None:
                 self.failed(exc)
-            record.side_closed()
+            record.open_sides -= 1  # Record.side_closed(), without a call: twice per connection
+            if not record.open_sides:
+                record.log.write(record)
         peer, self.peer = self.peer, None
         for side in (self, peer):  # neither direction can splice through a closed socket
             if side is not None and side.splicer is not None:
@@ -219,11 +222,13 @@ class ClientSide(_Side):
         listener = self.listener
         stats = self.stats
         stats.accepted += 1
-        if listener.access is not None:
-            self.record = listener.access.open(
-                listener.mapping.proto, transport.get_extra_info("peername"),
-                listener.frontend_text or transport.get_extra_info("sockname"),
-                listener.backend_text)
+        access = listener.access
+        if access is not None:
+            self.record = access.open(
+                listener.route or access.route(listener.mapping.proto,
+                                               transport.get_extra_info("sockname"),
+                                               listener.backend_text),
+                transport.get_extra_info("peername"))
         if listener.allow:
             client = transport.get_extra_info("peername")
             if not listener.allow.permits(client[0]):
@@ -373,9 +378,9 @@ class TcpListener(StreamListener):
         self.proxy_protocol = config.proxy_protocol
         self.transparent = config.transparent
         self.backend_text = mapping.backend()  # for its lines, formatted once
-        # The frontend as the access log writes it, when every client reaches the same address
-        # (not a wildcard listener): formatted once in start(), not asked of each socket.
-        self.frontend_text = ""
+        # The access log's fixed parts of a line, when every client reaches the same address
+        # (not a wildcard listener): made once in start(), not asked of each socket.
+        self.route: accesslog.Route | None = None
         self._container_side = ContainerSide if self.access is None else LoggedContainerSide
         self.connections: set[ClientSide] = set()
         # Dials under way, by when their current attempt began; oldest first (see _sweep_dials).
@@ -402,7 +407,7 @@ class TcpListener(StreamListener):
         if self.access is not None:
             bound = sock.getsockname()
             if bound[0] not in ("0.0.0.0", "::"):
-                self.frontend_text = accesslog.hostport(bound)
+                self.route = self.access.route(self.mapping.proto, bound, self.backend_text)
         # create_server listens again; without our backlog it would shrink the queue to 100.
         side = ClientSide if self.access is None else LoggedClientSide
         self._server = await self.loop.create_server(lambda: side(self), sock=sock,
