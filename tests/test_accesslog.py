@@ -21,6 +21,7 @@ import pytest
 from proxy.ground import accesslog
 from proxy.ground.accesslog import AccessLog
 from proxy.relays.splice import SPLICE_AFTER, SPLICE_MIN_READ
+from proxy.relays.tcp import ClientSide, ContainerSide, LoggedClientSide, LoggedContainerSide
 from tests.helpers import (
     Proxy,
     free_port,
@@ -78,8 +79,11 @@ class Lines:
 
 
 @pytest.fixture(params=["text", "json"])
-def access(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Lines]:
-    """The process's access log on, to a file, for relays built in this test."""
+def access(tmp_path: Path, request: pytest.FixtureRequest,
+           monkeypatch: pytest.MonkeyPatch) -> Iterator[Lines]:
+    """The process's access log on, to a file, for relays built in this test (its batches
+    written sooner than a second after, for the tests' sake)."""
+    monkeypatch.setattr(accesslog, "FLUSH_AFTER", 0.05)
     path = tmp_path / "access.log"
     log = accesslog.current = AccessLog(str(path), request.param)
     try:
@@ -309,6 +313,28 @@ async def test_byte_counts_exact_through_splice(access: Lines) -> None:
     assert entry["end"] in ("client-fin", "backend-fin")
 
 
+@pytest.mark.parametrize("logged", [False, True])
+async def test_sides_count_bytes_only_with_the_log_on(tmp_path: Path, logged: bool) -> None:
+    """Off, a connection is served by the plain sides, whose reads count nothing more; on,
+    by the logged ones (each read adds its size to the line)."""
+    log = accesslog.current = AccessLog(str(tmp_path / "a.log"), "text") if logged else None
+    try:
+        async with held_backend() as (bport, conns), tcp_proxy(bport) as server:
+            reader, writer = await asyncio.open_connection("127.0.0.1", server.relays[0].port)
+            writer.write(b"x")
+            breader, bwriter = await conns.get()
+            await breader.readexactly(1)
+            (client,) = server.relays[0].connections
+            assert type(client) is (LoggedClientSide if logged else ClientSide)
+            assert type(client.peer) is (LoggedContainerSide if logged else ContainerSide)
+            writer.close()
+            bwriter.close()
+    finally:
+        accesslog.current = None
+        if log is not None:
+            log.handler.close()
+
+
 async def test_udp_flow_expiry(access: Lines) -> None:
     async with udp_backend() as (bport, _), udp_proxy(bport, "-udp-timeout", "200ms") as server:
         port = server.relays[0].port
@@ -343,11 +369,18 @@ async def test_udp_flow_eviction_and_shutdown(access: Lines) -> None:
 # -- formatting and writing, without a proxy -------------------------------------------------------
 
 
-def _closed_record(log: AccessLog, lasted: float) -> accesslog.Record:
-    r = log.open("tcp", ("127.0.0.1", 40000), "127.0.0.1:8080", "172.17.0.2:80")
+def _closed_record(log: AccessLog, lasted: float,
+                   client: tuple = ("127.0.0.1", 40000)) -> accesslog.Record:
+    r = log.open(log.route("tcp", ("127.0.0.1", 8080), "172.17.0.2:80"), client)
     r.ended(accesslog.CLIENT_FIN)
-    r.from_client, r.from_backend, r.closed = 12, 3456, r.started + lasted
+    r.from_client, r.from_backend, r.closed = 12, 3456, r.started + round(lasted * 1e9)
     return r
+
+
+def _line(log: AccessLog, r: accesslog.Record, wall: float) -> str:
+    """The line of `r` as though it closed at `wall` (seconds since the epoch)."""
+    (line,) = log.format([r], round(wall * 1e9) - r.closed)
+    return line
 
 
 @pytest.mark.parametrize(("lasted", "shown"), [(0.0004, "0.000s"), (61.0006, "61.001s"),
@@ -356,7 +389,7 @@ def test_text_line_rounds_duration_to_the_millisecond(tmp_path: Path, lasted: fl
                                                        shown: str) -> None:
     log = AccessLog(str(tmp_path / "a.log"), "text")
     try:
-        line = log.format(_closed_record(log, lasted), 1_700_000_000.9996)
+        line = _line(log, _closed_record(log, lasted), 1_700_000_000.9996)
     finally:
         log.handler.close()
     # The time's milliseconds are cut (never rounded up into the next second), as before.
@@ -365,19 +398,24 @@ def test_text_line_rounds_duration_to_the_millisecond(tmp_path: Path, lasted: fl
 
 
 def test_json_line_is_json_dumps_own(tmp_path: Path) -> None:
-    """The JSON line is written by hand; it must be what json.dumps makes of its fields."""
+    """The JSON line is written by hand; it must be what json.dumps makes of its fields (the
+    duration always has six decimals, which json.dumps writes only when they are needed)."""
     log = AccessLog(str(tmp_path / "a.log"), "json")
     try:
-        r = _closed_record(log, 0.1234567)
-        r.client = "[fe80::1%we\"ird\\]:1"  # an interface name may hold what JSON escapes
+        # an interface name may hold what JSON escapes
+        r = _closed_record(log, 0.1234567, ("fe80::1%we\"ird\\", 1, 0, 5))
         r.ended(accesslog.BACKEND_ERROR, 'no route "to"\nhost \u00e9')
-        line = log.format(r, 1_700_000_000.5)
+        line = _line(log, r, 1_700_000_000.5)
+        round_one = _line(log, _closed_record(log, 1.5, ("::ffff:10.0.0.1", 2, 0, 0)), 1e9)
     finally:
         log.handler.close()
     fields = json.loads(line)
     assert line == json.dumps(fields)
-    assert tuple(fields) == FIELDS and fields["client"] == r.client
+    assert tuple(fields) == FIELDS and fields["client"] == "[fe80::1%we\"ird\\]:1"
     assert fields["error"] == r.error and fields["duration"] == 0.123457
+    assert fields["time"] == "2023-11-14T22:13:20.500Z"
+    assert '"duration": 1.500000,' in round_one
+    assert json.loads(round_one)["duration"] == 1.5 and json.loads(round_one)["client"] == "10.0.0.1:2"
 
 
 async def test_a_batch_is_one_write_with_each_line_its_own(tmp_path: Path) -> None:
@@ -387,7 +425,7 @@ async def test_a_batch_is_one_write_with_each_line_its_own(tmp_path: Path) -> No
     try:
         for lasted in (1.5, 0.25):
             record = _closed_record(log, 0)
-            record.started -= lasted  # its close is now, when it is written
+            record.started -= round(lasted * 1e9)  # its close is now, when it is written
             log.write(record)
         assert not path.read_text()  # nothing until the batch is flushed
         written = Lines(path)

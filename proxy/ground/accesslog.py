@@ -2,24 +2,20 @@
 association or UDP flow, saying who, where, how much, how long and how it ended.
 
 Off by default and then free: the relays hold `None` and test it only at a connection's
-events (accept, FIN, close), never per read. TCP bytes come from the kernel at close
-(TCP_INFO's tcpi_bytes_received, which splice's bytes count in too); UDP flows and SCTP
-associations add up their sizes only while the log is on.
+events (accept, FIN, close), never per read. While it is on, each relay adds up the bytes it
+reads from either side (TCP sides and SCTP associations of classes of their own; UDP flows
+behind one test per datagram): the counts are what the proxy relayed, as HAProxy's.
 """
 
 from __future__ import annotations
 
-import _socket
 import asyncio
 import logging
-import socket
-import struct
 import sys
 import time
 from json.encoder import encode_basestring_ascii as _quote  # type: ignore[attr-defined]
+from time import monotonic_ns
 from typing import Any
-
-from attrs import define
 
 from proxy.ground.config import ProcessOptions
 from proxy.ground.logs import ReopenableFileHandler, ReportOnce, open_syslog
@@ -36,37 +32,25 @@ SHUTDOWN = "shutdown"
 UDP_EXPIRED, UDP_EVICTED = "expired", "evicted"
 _FINS = (None, CLIENT_FIN, BACKEND_FIN)
 # Lines are written in batches, at most this long after their connection ended: one write
-# (and for a file one flush) per batch rather than per connection.
-FLUSH_AFTER = 0.05
+# (and for a file one flush) per batch rather than per connection. A second, as nginx's
+# buffered access_log's flush=: at 100 connections a second a batch of 0.05 s cost a
+# connection more than its own line did.
+FLUSH_AFTER = 1.0
 
-# "000" to "999": the milliseconds of a line's time and duration.
+# "000" to "999": the milliseconds (and microseconds) of a line's time and duration.
 _MILLIS = tuple(f"{n:03d}" for n in range(1000))
 
-# struct tcp_info (<linux/tcp.h>, Linux >= 4.1): tcpi_bytes_received, a u64 at offset 128:
-# every byte the peer sent that arrived in order, whether we read it or spliced it.
-_BYTES_RECEIVED = struct.Struct("Q")
-_BYTES_RECEIVED_OFFSET = 128
+# A line's fixed parts for the connections of one listener (of one local address, for a
+# wildcard listener), formatted once: the text between the time and the client's address,
+# and the text after it up to the first byte count.
+Route = tuple[str, str]
 
 
-def bytes_received(fd: int, fin: bool) -> int:
-    """Payload bytes that arrived on the TCP socket `fd`. The kernel counts the FIN's sequence
-    number too: `fin` says one arrived (eof_received ran), and takes it off.
-
-    Read through a bare _socket.socket over the fd, detached after: uvloop's socket wrapper
-    builds a whole socket.socket (Python-level __init__ and detach) for every getsockopt, twice
-    this cost. The family given is only stored: TCP_INFO is asked of the kernel's socket."""
-    try:
-        sock = _socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, fd)
-    except (OSError, ValueError):  # closed already (fd -1)
-        return 0
-    try:
-        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _BYTES_RECEIVED_OFFSET + 8)
-        count = _BYTES_RECEIVED.unpack_from(info, _BYTES_RECEIVED_OFFSET)[0]
-    except (OSError, struct.error):  # closed meanwhile, or an old kernel
-        return 0
-    finally:
-        sock.detach()
-    return max(count - fin, 0)  # type: ignore[no-any-return]
+def _host(host: str) -> str:
+    """An IPv6 address as written before a port ([v6]); IPv4 on a dual-stack socket as IPv4."""
+    if host.startswith("::ffff:") and "." in host:
+        return host[7:]
+    return f"[{host}]"
 
 
 def hostport(addr: Any) -> str:
@@ -75,29 +59,31 @@ def hostport(addr: Any) -> str:
     if not addr:
         return "-"
     host = addr[0]
-    if ":" not in host:
-        return f"{host}:{addr[1]}"
-    if host.startswith("::ffff:") and "." in host:
-        return f"{host[7:]}:{addr[1]}"
-    return f"[{host}]:{addr[1]}"
+    if ":" in host:
+        host = _host(host)
+    return f"{host}:{addr[1]}"
 
 
-@define(eq=False)
 class Record:
-    """One connection's line, filled in as its events happen (never per read)."""
+    """One connection's line, filled in as its events happen (never per read), formatted
+    when its batch is written: the client's address is kept as the socket gave it, the times
+    as monotonic_ns(), so that the connection itself pays for no string work.
 
+    Made only by AccessLog.open(), which sets every field: a class without an __init__ of
+    its own, since calling one (or attrs') cost a Python frame per connection."""
+
+    __slots__ = ("log", "route", "client", "started", "end", "error", "from_client",
+                 "from_backend", "open_sides", "closed")
     log: AccessLog
-    proto: str
-    client: str
-    frontend: str
-    backend: str
-    started: float  # time.monotonic()
-    end: str | None = None
-    error: str = ""  # the reason, in Go's words, for a dial failure or a socket error
-    from_client: int = 0
-    from_backend: int = 0
-    open_sides: int = 1  # TCP: the line is written when the last of its sockets has closed
-    closed: float = 0.0  # time.monotonic() when it was written; formatted at the batch's flush
+    route: Route
+    client: Any  # the client's socket address
+    started: int  # monotonic_ns()
+    end: str | None
+    error: str  # the reason, in Go's words, for a dial failure or a socket error
+    from_client: int
+    from_backend: int
+    open_sides: int  # TCP: the line is written when the last of its sockets has closed
+    closed: int  # monotonic_ns() when it was written
 
     def ended(self, end: str, error: str = "") -> None:
         """Why it ends; a FIN is replaced by anything more telling that follows it."""
@@ -133,20 +119,47 @@ class AccessLog:
         logger.handlers[:] = [handler]
         logger.propagate = False
         self.pending: list[Record] = []
+        # Bounded: a relay's frontends are its listener's address, or a wildcard's local ones.
+        self._routes: dict[tuple[str, Any, str], Route] = {}
         self._second = -1  # the whole second _stamp is for: one strftime per second
         self._stamp = ""
 
-    def open(self, proto: str, client: Any, frontend: Any | str, backend: str) -> Record:
-        """A connection's record; `frontend` an address, or the listener's text for it."""
-        if not isinstance(frontend, str):
-            frontend = hostport(frontend)
-        return Record(self, proto, hostport(client), frontend, backend, time.monotonic())
+    def route(self, proto: str, frontend: Any, backend: str) -> Route:
+        """The fixed parts of the lines of `proto` connections that reached `frontend` (a
+        socket address) and were relayed to `backend`."""
+        key = (proto, frontend, backend)
+        route = self._routes.get(key)
+        if route is None:
+            front = hostport(frontend)
+            if self.json:
+                route = (f'Z", "proto": "{proto}", "client": "',
+                         f'", "frontend": {_quote(front)}, "backend": {_quote(backend)}, '
+                         '"bytes_from_client": ')
+            else:
+                route = (f"Z {proto} ", f" {front} {backend} ")
+            self._routes[key] = route
+        return route
+
+    def open(self, route: Route, client: Any) -> Record:
+        """A connection's record, from its route and its client's socket address."""
+        r = Record()
+        r.log = self
+        r.route = route
+        r.client = client
+        r.started = monotonic_ns()
+        r.end = None
+        r.error = ""
+        r.from_client = r.from_backend = 0
+        r.open_sides = 1
+        r.closed = 0
+        return r
 
     def write(self, record: Record) -> None:
         # Only the close's time here: the line is formatted when its batch is flushed.
-        record.closed = time.monotonic()
-        self.pending.append(record)
-        if len(self.pending) == 1:
+        record.closed = monotonic_ns()
+        pending = self.pending
+        pending.append(record)
+        if len(pending) == 1:
             try:
                 asyncio.get_running_loop().call_later(FLUSH_AFTER, self.flush)
             except RuntimeError:  # no loop (a unit test): write at once
@@ -156,8 +169,8 @@ class AccessLog:
         records, self.pending = self.pending, []
         if not records:
             return
-        to_wall = time.time() - time.monotonic()  # one clock pair per batch, not per line
-        lines = [self.format(r, r.closed + to_wall) for r in records]
+        # One clock pair per batch, not per line.
+        lines = self.format(records, time.time_ns() - monotonic_ns())
         handler = self.handler
         if not self.batched:
             for text in lines:
@@ -180,31 +193,57 @@ class AccessLog:
         finally:
             handler.release()
 
-    def format(self, r: Record, now: float) -> str:
-        """The line of `r`, closed at `now` (wall-clock time). Milliseconds are looked up, not
-        formatted: a float's format or round() costs more than the rest of the line."""
-        end = r.end or "closed"  # every way to end names itself; this is never expected
-        second = int(now)
-        if second != self._second:
-            self._second = second
-            self._stamp = time.strftime("%Y-%m-%dT%H:%M:%S.", time.gmtime(second))
-        stamp = f"{self._stamp}{_MILLIS[int((now - second) * 1000)]}Z"
+    def format(self, records: list[Record], to_wall: int) -> list[str]:
+        """The lines of `records`; `to_wall` turns their monotonic_ns() into time_ns().
+
+        This is most of what the log costs a connection, so: one loop per format, each line
+        one f-string, the fixed parts formatted once (the route), milliseconds looked up
+        rather than formatted, and times in whole nanoseconds (integer division where a
+        float's int() or round() would cost more than the rest of the line)."""
+        lines: list[str] = []
+        append = lines.append
         if self.json:
-            # json.dumps' exact output, without building a dict and an encoder per line: the
-            # strings that could hold anything (an address with a scope, the error) quoted by
-            # json's own C function; the rest are our constants and numbers.
-            error = _quote(r.error) if r.error else "null"
-            return (f'{{"time": "{stamp}", "proto": "{r.proto}", "client": {_quote(r.client)}, '
-                    f'"frontend": {_quote(r.frontend)}, "backend": {_quote(r.backend)}, '
-                    f'"bytes_from_client": {r.from_client}, '
-                    f'"bytes_from_backend": {r.from_backend}, '
-                    f'"duration": {round(r.closed - r.started, 6)!r}, "end": "{end}", '
-                    f'"error": {error}}}')
-        ms = int((r.closed - r.started) * 1000 + 0.5)  # rounded to the millisecond, as %.3f
-        # HAProxy's tcplog order, one line: fixed fields, the error (free text) last.
-        line = (f"{stamp} {r.proto} {r.client} {r.frontend} {r.backend} {r.from_client} "
-                f"{r.from_backend} {ms // 1000}.{_MILLIS[ms % 1000]}s {end}")
-        return f"{line} {r.error}" if r.error else line
+            for r in records:
+                now = (r.closed + to_wall) // 1_000_000  # milliseconds since the epoch
+                if now // 1000 != self._second:
+                    self._new_second(now // 1000)
+                micros = (r.closed - r.started + 500) // 1000
+                head, tail = r.route
+                client = r.client
+                if client and ":" not in client[0]:
+                    client = f"{client[0]}:{client[1]}"
+                else:  # IPv6 (a scope's name may hold what JSON escapes), or none known
+                    client = _quote(hostport(client))[1:-1]
+                # json.dumps' own quoting for the strings that could hold anything (done once
+                # in the route for the frontend and backend); the duration with six decimals.
+                error = _quote(r.error) if r.error else "null"
+                append(f'{{"time": "{self._stamp}{_MILLIS[now % 1000]}{head}{client}'
+                       f'{tail}{r.from_client}, "bytes_from_backend": '
+                       f'{r.from_backend}, "duration": {micros // 1_000_000}.'
+                       f'{_MILLIS[micros // 1000 % 1000]}{_MILLIS[micros % 1000]}, '
+                       f'"end": "{r.end or "closed"}", "error": {error}}}')
+            return lines
+        for r in records:
+            now = (r.closed + to_wall) // 1_000_000
+            if now // 1000 != self._second:
+                self._new_second(now // 1000)
+            millis = (r.closed - r.started + 500_000) // 1_000_000  # rounded, as %.3f would
+            head, tail = r.route
+            client = r.client
+            client = (f"{client[0]}:{client[1]}" if client and ":" not in client[0]
+                      else hostport(client))
+            # HAProxy's tcplog order, one line: fixed fields, the error (free text) last. Every
+            # way to end names itself: "closed" is never expected.
+            line = (f"{self._stamp}{_MILLIS[now % 1000]}{head}{client}{tail}"
+                    f"{r.from_client} {r.from_backend} {millis // 1000}.{_MILLIS[millis % 1000]}s "
+                    f"{r.end or 'closed'}")
+            append(f"{line} {r.error}" if r.error else line)
+        return lines
+
+    def _new_second(self, second: int) -> None:
+        """The lines' time up to its milliseconds: one strftime per second."""
+        self._second = second
+        self._stamp = time.strftime("%Y-%m-%dT%H:%M:%S.", time.gmtime(second))
 
 
 # The process's access log, or None (off). Process-wide like the log file: set once by

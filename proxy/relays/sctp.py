@@ -392,7 +392,8 @@ class SctpListener(StreamListener):
         stats.accepted += 1
         record = None
         if self.access is not None:
-            record = self.access.open(self.mapping.proto, peer, sock.getsockname(), self.mapping.backend())
+            record = self.access.open(self.access.route(self.mapping.proto, sock.getsockname(),
+                                                        self.mapping.backend()), peer)
         refused = None
         if self.allow and not self.allow.permits(peer[0]):
             stats.rejected_denied += 1

@@ -249,8 +249,9 @@ class UdpRelay(RelayBase):
         if self.proxy_protocol:
             flow.header = proxyproto.header(2, "udp", client, self._destination(ancillary))
         if self.access is not None:
-            flow.record = self.access.open(self.mapping.proto, client, self._destination(ancillary),
-                                           self.mapping.backend())
+            route = self.access.route(self.mapping.proto, self._destination(ancillary),
+                                      self.mapping.backend())
+            flow.record = self.access.open(route, client)
         self.flows[client] = flow
         assert self._loop is not None
         self._loop.add_reader(sock.fileno(), self._from_container, flow)
