@@ -445,15 +445,25 @@ class Engine:
             await asyncio.sleep(left)
 
     async def _accept(self, listener: socket.socket) -> None:
-        loop = asyncio.get_running_loop()
+        """Register every spawn that connects, until cancelled (an idle exit, a reload).
+
+        The kernel's accept and the registration happen in one step, so a cancel leaves each
+        spawn registered or still queued on the socket. Not loop.sock_accept(): it accepts
+        in a callback and resumes us a turn later, and a cancel in between loses the
+        connection (the spawn reads EOF and fails)."""
         while True:
-            try:
-                conn, _ = await loop.sock_accept(listener)
-            except OSError as exc:  # out of fds: back off rather than spin
-                log.warning("engine: accept: %s", exc.strerror, extra={"reason": exc.strerror})
-                await asyncio.sleep(0.5)
-                continue
-            self._register(conn)
+            await wait_fd(listener.fileno())
+            while True:
+                try:
+                    conn, _ = listener.accept()
+                except BlockingIOError:
+                    break  # the queue is empty
+                except OSError as exc:  # out of fds: back off rather than spin
+                    log.warning("engine: accept: %s", exc.strerror,
+                                extra={"reason": exc.strerror})
+                    await asyncio.sleep(0.5)
+                    break
+                self._register(conn)
 
     def _register(self, conn: socket.socket) -> None:
         task = asyncio.get_running_loop().create_task(self._registration(conn))
