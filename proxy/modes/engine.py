@@ -322,6 +322,7 @@ class Engine:
                 await self._close_metrics(wait=False)
                 break
             accepting.cancel()
+            await asyncio.wait((accepting,))  # its reader is off the listener's fd: then close
             listener.close()
             self._unlink_own_socket()
             if stop.done():
@@ -420,6 +421,9 @@ class Engine:
         self._unlink_own_socket()
         await asyncio.wait((stop,), timeout=RETIRE_GRACE)
         accepting.cancel()
+        # Its reader must be off the listener's fd before the listener closes, or a socket
+        # that gets the fd number next would find it taken (and the loop fails its transport).
+        await asyncio.wait((accepting,))
         while True:
             try:
                 conn, _ = listener.accept()
