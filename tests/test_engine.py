@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import array
+import asyncio
 import os
 import signal
 import socket
@@ -12,6 +13,7 @@ import urllib.request
 import pytest
 
 from proxy.ground.wire import decode_reply, encode_argv, frame, unframe
+from proxy.modes.engine import Engine
 from tests.helpers import (
     EchoBackend,
     Proxy,
@@ -19,6 +21,7 @@ from tests.helpers import (
     docker_args,
     exchange,
     free_port,
+    make_config,
     output,
     reattaching,
     refused,
@@ -405,3 +408,35 @@ def test_a_directory_of_another_user_is_refused(tmp_path):
     p = start_engine(str(theirs / "engine.sock"))
     assert p.proc.wait(timeout=10) == 1
     assert b"belongs to uid 65534" in p.status
+
+
+@pytest.mark.parametrize("turns", range(6))
+async def test_stopping_the_accept_loop_loses_no_spawn(tmp_path, turns):
+    """The engine stops taking registrations (idle exit, reload) by cancelling its accept
+    loop: a spawn that had connected is registered, or still queued on the socket (an idle
+    exit takes the queue once more), at whichever loop turn the cancel lands. A cancel
+    between the kernel's accept and the registration used to drop it: that spawn read EOF
+    and failed (test_autostart's spawns racing the idle exit)."""
+    path = str(tmp_path / "engine.sock")
+    engine = Engine(make_config("-engine", "-engine-socket", path))
+    with socket.socket(socket.AF_UNIX) as listener, socket.socket(socket.AF_UNIX) as spawn:
+        listener.bind(path)
+        listener.listen()
+        listener.setblocking(False)
+        accepting = asyncio.get_running_loop().create_task(engine._accept(listener))
+        await asyncio.sleep(0)  # waiting for a spawn
+        spawn.connect(path)
+        for _ in range(turns):
+            await asyncio.sleep(0)
+        accepting.cancel()
+        await asyncio.gather(accepting, return_exceptions=True)
+        registered = list(engine._tasks)
+        try:
+            listener.accept()[0].close()
+            queued = 1
+        except BlockingIOError:
+            queued = 0
+        for task in registered:
+            task.cancel()
+        await asyncio.gather(*registered, return_exceptions=True)
+        assert len(registered) + queued == 1

@@ -274,7 +274,10 @@ def engine_fds(pid: int) -> dict[str, str]:
 def test_hostile_reattach_is_refused_and_nothing_leaks(engine):
     path, proc = engine
     pid = proc.proc.pid
-    port, udp_port = free_port(), free_port(kind=socket.SOCK_DGRAM)
+    # udp_port is checked free for TCP too (free_port's default): "TCP for a UDP mapping"
+    # binds a TCP socket there, and a port free for UDP alone may hold a TCP listener or
+    # TIME_WAIT (on a machine shared with other runs: EADDRINUSE, the test's own failure).
+    port, udp_port = free_port(), free_port()
 
     def tcp(host: str = "127.0.0.1", at: int = port, listen: bool = True) -> socket.socket:
         s = socket.socket()

@@ -377,3 +377,71 @@ async def test_finished_connections_leave_no_cycles_for_the_gc() -> None:
         assert left == []
     finally:
         gc.enable()
+
+
+# -- stopping while a client is half accepted -------------------------------------------------
+#
+# The standard loop takes a client off the kernel's queue in its accept callback and builds
+# its transport a loop turn later; a stop in between used to lose the client (CPython
+# gh-109564: neither served nor closed, it hung, then was reset). Each test stops at every
+# turn from 0 to 5 after the client connected, so one of them lands in that window. The
+# listening socket has a second holder (`other`), as in the engine: the waiter, or the
+# supervisor of a worker.
+
+async def _client_end(client: socket.socket) -> bytes:
+    """What the client reads until its connection ends (EOF or reset)."""
+    loop, data = asyncio.get_running_loop(), b""
+    try:
+        while chunk := await asyncio.wait_for(loop.sock_recv(client, 100), 5):
+            data += chunk
+    except ConnectionResetError:
+        pass
+    return data
+
+
+def _still_queued(other: socket.socket) -> bool:
+    """Whether the client is still in the kernel's queue, for the other holder to take."""
+    try:
+        other.accept()[0].close()
+        return True
+    except BlockingIOError:
+        return False
+
+
+@pytest.mark.parametrize("turns", range(6))
+async def test_a_client_accepted_as_the_listener_stops_is_served_or_left_queued(turns):
+    """A reload's quiesce (or a worker's drop with a drain): the client is served here, or
+    left in the queue for the socket's other holder; never taken and dropped."""
+    async with backend() as bport, tcp_proxy(bport) as server:
+        other = server.sockets[0].dup()
+        other.setblocking(False)
+        with other, socket.create_connection(("127.0.0.1", server.relays[0].port)) as client:
+            client.sendall(b"hi")
+            client.shutdown(socket.SHUT_WR)
+            client.setblocking(False)
+            for _ in range(turns):
+                await asyncio.sleep(0)
+            server.stop_accepting()
+            await asyncio.sleep(0)  # the stop's own deferred part
+            if not _still_queued(other):
+                assert await _client_end(client) == b"hi"
+
+
+@pytest.mark.parametrize("turns", range(6))
+async def test_a_client_accepted_as_the_listener_closes_is_closed_too(turns):
+    """close() with no drain: the client is closed with the rest (or left queued), never left
+    hanging nor served on by a closed listener."""
+    async with backend() as bport, tcp_proxy(bport) as server:
+        relay = server.relays[0]
+        other = server.sockets[0].dup()
+        other.setblocking(False)
+        with other, socket.create_connection(("127.0.0.1", relay.port)) as client:
+            client.sendall(b"hi")  # and no FIN: served, it would stay open
+            client.setblocking(False)
+            for _ in range(turns):
+                await asyncio.sleep(0)
+            await server.close()
+            await asyncio.sleep(0)
+            if not _still_queued(other):
+                await _client_end(client)  # within its bound: it ends
+            assert relay.open_count == 0

@@ -322,6 +322,7 @@ class Engine:
                 await self._close_metrics(wait=False)
                 break
             accepting.cancel()
+            await asyncio.wait((accepting,))  # its reader is off the listener's fd: then close
             listener.close()
             self._unlink_own_socket()
             if stop.done():
@@ -420,6 +421,9 @@ class Engine:
         self._unlink_own_socket()
         await asyncio.wait((stop,), timeout=RETIRE_GRACE)
         accepting.cancel()
+        # Its reader must be off the listener's fd before the listener closes, or a socket
+        # that gets the fd number next would find it taken (and the loop fails its transport).
+        await asyncio.wait((accepting,))
         while True:
             try:
                 conn, _ = listener.accept()
@@ -445,15 +449,25 @@ class Engine:
             await asyncio.sleep(left)
 
     async def _accept(self, listener: socket.socket) -> None:
-        loop = asyncio.get_running_loop()
+        """Register every spawn that connects, until cancelled (an idle exit, a reload).
+
+        The kernel's accept and the registration happen in one step, so a cancel leaves each
+        spawn registered or still queued on the socket. Not loop.sock_accept(): it accepts
+        in a callback and resumes us a turn later, and a cancel in between loses the
+        connection (the spawn reads EOF and fails)."""
         while True:
-            try:
-                conn, _ = await loop.sock_accept(listener)
-            except OSError as exc:  # out of fds: back off rather than spin
-                log.warning("engine: accept: %s", exc.strerror, extra={"reason": exc.strerror})
-                await asyncio.sleep(0.5)
-                continue
-            self._register(conn)
+            await wait_fd(listener.fileno())
+            while True:
+                try:
+                    conn, _ = listener.accept()
+                except BlockingIOError:
+                    break  # the queue is empty
+                except OSError as exc:  # out of fds: back off rather than spin
+                    log.warning("engine: accept: %s", exc.strerror,
+                                extra={"reason": exc.strerror})
+                    await asyncio.sleep(0.5)
+                    break
+                self._register(conn)
 
     def _register(self, conn: socket.socket) -> None:
         task = asyncio.get_running_loop().create_task(self._registration(conn))

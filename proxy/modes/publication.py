@@ -45,6 +45,9 @@ class Publication:
                 await self._open(mapping)
         except BaseException:
             self.stop_accepting()
+            # A TCP listener on the standard loop closes its socket a loop turn later (see
+            # proxy.relays.tcp._stop_serving): the ports are free before the error is told.
+            await asyncio.sleep(0)
             raise
 
     async def _open(self, mapping: Mapping) -> None:

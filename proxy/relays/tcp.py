@@ -237,6 +237,8 @@ class ClientSide(_Side):
         if listener.max_conns and len(listener.connections) >= listener.max_conns:
             stats.rejected_limit += 1
             return self._refuse(accesslog.REFUSED_MAX_CONNS)
+        if listener.aborted:  # accepted before the stop, but made after abort_all(): closed too
+            return self._refuse(accesslog.SHUTDOWN)
         listener.connections.add(self)
         stats.active += 1
         listener.dial(self)
@@ -387,6 +389,7 @@ class TcpListener(StreamListener):
         self.dialing: dict[ClientSide, float] = {}
         self._server: asyncio.AbstractServer | None = None
         self._sweeper: asyncio.TimerHandle | None = None
+        self.aborted = False  # abort_all() was called: a client that shows up late is closed
 
     @property
     def open_count(self) -> int:
@@ -419,7 +422,8 @@ class TcpListener(StreamListener):
 
     def stop_accepting(self) -> None:
         if self._server is not None:
-            self._server.close()
+            _stop_serving(self.loop, self._server)
+            self._server = None
         if self._sweeper is not None:
             self._sweeper.cancel()
         if self._idle is not None:
@@ -427,6 +431,9 @@ class TcpListener(StreamListener):
 
     def abort_all(self) -> int:
         """Close every open connection now; returns how many there were."""
+        # A client accepted just before stop_accepting() may have no connection_made() yet
+        # (both loops call it a turn after the accept; see _stop_serving): it closes itself then.
+        self.aborted = True
         open_now = list(self.connections)
         for client in open_now:
             if client.record is not None:
@@ -510,6 +517,26 @@ class TcpListener(StreamListener):
                     extra={**mapping_fields(self.mapping), "client": peer, "reason": reason})
         if client.transport is not None:
             reset(client.transport)
+
+
+def _stop_serving(loop: asyncio.AbstractEventLoop, server: asyncio.AbstractServer) -> None:
+    """Take no new client, and lose none already taken off the kernel's accept queue.
+
+    The standard loop's accept callback takes a batch of clients and builds each one's
+    transport in a task of its own, which runs a loop iteration later; a Server.close() in
+    between makes that build fail (asyncio asserts that the server still has its sockets,
+    CPython gh-109564, open), and the client is then neither served nor closed: it hangs,
+    then is reset. That is the reload's quiesce and a worker's drop, with every other holder
+    of the socket still serving it. So stop the accept callback now (what is still queued
+    stays in the kernel, for whoever else holds the socket), and close the server only once
+    the transport tasks already scheduled have run: they were scheduled before this, and the
+    loop runs callbacks in order. uvloop builds the transport inside its accept callback."""
+    if isinstance(loop, asyncio.selector_events.BaseSelectorEventLoop):
+        for sock in cast(asyncio.Server, server).sockets:
+            loop.remove_reader(sock.fileno())
+        loop.call_soon(server.close)
+    else:
+        server.close()
 
 
 class Dial:
