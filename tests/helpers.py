@@ -343,11 +343,23 @@ async def echo_after_eof(reader: asyncio.StreamReader, writer: asyncio.StreamWri
 
 @contextlib.asynccontextmanager
 async def backend(handler: Handler = echo, host: str = "127.0.0.1") -> AsyncIterator[int]:
-    server = await asyncio.start_server(handler, host, 0, backlog=4096)
+    """A backend on the test's loop; every connection it accepted is closed when it ends, its
+    handler done or not (Server.close() closes only the listener, and a handler still running
+    when the test ends would leave its socket to the garbage collector: a ResourceWarning)."""
+    writers: list[asyncio.StreamWriter] = []
+
+    async def tracked(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writers.append(writer)
+        await handler(reader, writer)
+
+    server = await asyncio.start_server(tracked, host, 0, backlog=4096)
     try:
         yield server.sockets[0].getsockname()[1]
     finally:
         server.close()
+        for writer in writers:
+            writer.close()
+        await asyncio.sleep(0)  # the transports' connection_lost callbacks close the sockets
 
 
 def make_config(*argv: str) -> Any:

@@ -24,6 +24,7 @@ from proxy.relays.splice import SPLICE_AFTER, SPLICE_MIN_READ
 from proxy.relays.tcp import ClientSide, ContainerSide, LoggedClientSide, LoggedContainerSide
 from tests.helpers import (
     Proxy,
+    backend,
     free_port,
     needs_ipv6,
     read_status,
@@ -97,18 +98,12 @@ def access(tmp_path: Path, request: pytest.FixtureRequest,
 async def held_backend(host: str = "127.0.0.1") -> AsyncIterator[tuple[int, asyncio.Queue]]:
     """A backend that hands each accepted connection (reader, writer) to the test."""
     conns: asyncio.Queue = asyncio.Queue()
-    done = asyncio.Event()
 
     async def hold(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await conns.put((reader, writer))
-        await done.wait()
+        await conns.put((reader, writer))  # backend() closes it at the end
 
-    server = await asyncio.start_server(hold, host, 0)
-    try:
-        yield server.sockets[0].getsockname()[1], conns
-    finally:
-        done.set()
-        server.close()
+    async with backend(hold, host) as port:
+        yield port, conns
 
 
 def rst(writer: asyncio.StreamWriter) -> None:

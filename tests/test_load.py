@@ -4,6 +4,7 @@ and in our own namespaces. Run in CI's heavy step: `pytest -m heavy`."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import resource
 import socket
@@ -12,6 +13,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Callable
 
 import pytest
 
@@ -77,7 +79,15 @@ async def test_ten_thousand_concurrent_connections_each_get_their_own_bytes(many
     # the backend in its own process: this one holds the clients' sockets
     backend = subprocess.Popen([sys.executable, "-c", ECHO_SERVER], stdout=subprocess.PIPE, text=True)
     assert backend.stdout is not None
-    bport = int(backend.stdout.readline())
+    try:
+        await _ten_thousand(int(backend.stdout.readline()))
+    finally:
+        backend.kill()
+        backend.wait()
+        backend.stdout.close()
+
+
+async def _ten_thousand(bport: int) -> None:
     port = free_port()
     Proxy(docker_args(port, bport), preexec=raise_fd_limit)
     count = CONCURRENT
@@ -92,12 +102,13 @@ async def test_ten_thousand_concurrent_connections_each_get_their_own_bytes(many
     async def check(i: int, reader: asyncio.StreamReader) -> bool:
         return await asyncio.wait_for(reader.readexactly(64), 60) == b"%08d" % i * 8
 
-    results = await asyncio.gather(*(check(i, r) for i, (r, _) in enumerate(conns)))
-    assert sum(results) == count
-    for _, writer in conns:
-        writer.close()
-    backend.kill()
-    backend.wait()
+    try:
+        results = await asyncio.gather(*(check(i, r) for i, (r, _) in enumerate(conns)))
+        assert sum(results) == count
+    finally:
+        for _, writer in conns:
+            writer.close()
+        await asyncio.sleep(0)  # the transports' connection_lost callbacks close the sockets
 
 
 def test_two_hundred_thousand_sequential_connections_leak_nothing():
@@ -107,13 +118,19 @@ def test_two_hundred_thousand_sequential_connections_leak_nothing():
     sources = [f"127.0.0.{i}" for i in range(2, 10)]  # spread the client port space
 
     def one(i: int) -> None:
-        s = socket.socket()
-        s.bind((sources[i % len(sources)], 0))
-        s.connect(("127.0.0.1", port))
-        s.sendall(b"q")
-        assert s.recv(1) == b"q"
-        s.close()
+        with socket.socket() as s:
+            s.bind((sources[i % len(sources)], 0))
+            s.connect(("127.0.0.1", port))
+            s.sendall(b"q")
+            assert s.recv(1) == b"q"
 
+    try:
+        _sequential(p, one)
+    finally:
+        b.close()
+
+
+def _sequential(p: Proxy, one: Callable[[int], None]) -> None:
     for i in range(2000):  # warm up: caches, allocator arenas
         one(i)
     time.sleep(0.5)
@@ -132,11 +149,15 @@ def test_two_hundred_thousand_sequential_connections_leak_nothing():
     # proxy's own CPU time, unlike a wall-clock rate, does not move with other load.
     first, last = statistics.median(cpu_per_conn[:3]), statistics.median(cpu_per_conn[-3:])
     assert last < 2 * first, cpu_per_conn
-    b.close()
 
 
 def test_udp_flood_past_the_flow_cap_keeps_established_flows_working():
-    backend = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    with contextlib.ExitStack() as closing:  # every socket here, closed however the test ends
+        _udp_flood(closing)
+
+
+def _udp_flood(closing: contextlib.ExitStack) -> None:
+    backend = closing.enter_context(socket.socket(socket.AF_INET, socket.SOCK_DGRAM))
     backend.setsockopt(socket.SOL_SOCKET, 33 if os.geteuid() == 0
                        else socket.SO_RCVBUF, 8 * 1024 * 1024)  # SO_RCVBUFFORCE: the test's backend must keep up
     backend.bind(("127.0.0.1", 0))
@@ -156,12 +177,16 @@ def test_udp_flood_past_the_flow_cap_keeps_established_flows_working():
             except BlockingIOError:
                 time.sleep(0.0005)
 
-    threading.Thread(target=echo, daemon=True).start()
-    regular = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    echoer = threading.Thread(target=echo, daemon=True)
+    echoer.start()
+    closing.callback(echoer.join)  # (callbacks run last first) stopped before its socket closes
+    closing.callback(stop.set)
+    regular = closing.enter_context(socket.socket(socket.AF_INET, socket.SOCK_DGRAM))
     regular.settimeout(2)
     rss0 = rss_kib(p.proc.pid)
     answered = 0
-    flood = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(2000)]
+    flood = [closing.enter_context(socket.socket(socket.AF_INET, socket.SOCK_DGRAM))
+             for _ in range(2000)]
     for round_ in range(10):
         for s in flood:  # 2000 clients, twenty times the cap
             s.sendto(b"flood", ("127.0.0.1", port))
@@ -172,16 +197,14 @@ def test_udp_flood_past_the_flow_cap_keeps_established_flows_working():
             answered += 1
         except TimeoutError:
             pass
-    text = urllib.request.urlopen(f"http://127.0.0.1:{metrics}/metrics", timeout=5).read().decode()
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics}/metrics", timeout=5) as r:
+        text = r.read().decode()
     values = {l.split("{")[0] + ("" if "event" not in l else l.split('event="')[1].split('"')[0]):
               float(l.rsplit(" ", 1)[1]) for l in text.splitlines() if l.startswith("pyproxy_udp")}
-    stop.set()
     assert answered >= 8  # the regular client keeps being served through the flood
     assert values["pyproxy_udp_flows_active"] <= 100
     assert values["pyproxy_udp_flows_totalevicted"] >= 1000  # counted, not silent
     assert rss_kib(p.proc.pid) - rss0 < 16 * 1024  # bounded by the cap, not by the flood
-    for s in flood:
-        s.close()
 
 
 SERVER = r"""

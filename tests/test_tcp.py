@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import hashlib
 import logging
@@ -445,3 +446,92 @@ async def test_a_client_accepted_as_the_listener_closes_is_closed_too(turns):
             if not _still_queued(other):
                 await _client_end(client)  # within its bound: it ends
             assert relay.open_count == 0
+
+
+# -- every way a connection ends closes both its sockets ---------------------------------------
+
+def open_fds() -> set[str]:
+    """This process's descriptors, each with what it is (socket:[inode], a file...)."""
+    fds = set()
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            fds.add(f"{fd} {os.readlink(f'/proc/self/fd/{fd}')}")
+        except OSError:  # the listdir's own, closed by now
+            pass
+    return fds
+
+
+async def fds_back_to(before: set[str]) -> set[str]:
+    """The descriptors opened since `before` and still open, once they have had 5 s to close."""
+    for _ in range(250):
+        if not open_fds() - before:
+            break
+        await asyncio.sleep(0.02)
+    return open_fds() - before
+
+
+async def talk(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"x")
+    assert await asyncio.wait_for(reader.readexactly(1), 5) == b"x"
+    return reader, writer
+
+
+async def gone(writer: asyncio.StreamWriter) -> None:
+    writer.close()
+    with contextlib.suppress(ConnectionError):  # reset, as the case may be
+        await writer.wait_closed()
+
+
+@pytest.mark.parametrize("end", ["client-fin", "client-reset", "backend-reset", "refused-max-conns",
+                                 "idle-timeout", "shutdown"])
+async def test_each_way_a_connection_ends_closes_its_sockets(end: str) -> None:
+    """The relay's sockets are closed when the connection ends, not left to the garbage
+    collector (a ResourceWarning, and an fd held until a GC pass): counted in /proc/self/fd
+    while the proxy still serves (or once it has shut down)."""
+    backends: list[asyncio.StreamWriter] = []
+
+    async def echo_once(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        backends.append(writer)  # for the test to reset
+        writer.write(await reader.read(1))
+        with contextlib.suppress(ConnectionError):
+            await reader.read()
+        writer.close()
+
+    extra = {"refused-max-conns": ["-max-conns", "1"], "idle-timeout": ["-idle-timeout", "200ms"]}
+    async with backend(echo_once) as bport:
+        before = open_fds()
+        async with tcp_proxy(bport, *extra.get(end, [])) as server:
+            port = server.relays[0].port
+            serving = open_fds()  # the listener
+            reader, writer = await talk(port)
+            if end == "client-fin":
+                writer.write_eof()
+                assert await asyncio.wait_for(reader.read(), 5) == b""
+                await gone(writer)
+            elif end == "client-reset":
+                leave(writer)
+                await gone(writer)
+            elif end == "backend-reset":
+                leave(backends[0])
+                with pytest.raises(ConnectionResetError):
+                    await asyncio.wait_for(reader.read(), 5)
+                await gone(writer)
+            elif end == "refused-max-conns":
+                r2, w2 = await asyncio.open_connection("127.0.0.1", port)
+                with pytest.raises((ConnectionResetError, asyncio.IncompleteReadError)):
+                    await asyncio.wait_for(r2.readexactly(1), 5)
+                await gone(w2)
+                await gone(writer)
+                assert server.relays[0].stats.rejected_limit == 1
+            elif end == "idle-timeout":
+                assert await asyncio.wait_for(reader.read(), 5) == b""
+                await gone(writer)
+                assert server.relays[0].stats.closed_idle == 1
+            if end != "shutdown":
+                assert await fds_back_to(serving) == set()
+                assert server.relays[0].open_count == 0
+        if end == "shutdown":  # the proxy closed with the connection open
+            assert await asyncio.wait_for(reader.read(), 5) == b""
+            await gone(writer)
+        assert await fds_back_to(before) == set()
