@@ -12,6 +12,7 @@ import socket
 import threading
 import time
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -23,6 +24,7 @@ from tests.helpers import (
     exchange,
     free_port,
     output,
+    read_status,
     reattaching,
     refused,
     spawn,
@@ -397,6 +399,7 @@ def test_a_reload_whose_new_engine_fails_keeps_the_old_one_serving(tmp_path, pro
                    env=proxy_loop_env)
     backend = EchoBackend()
     port, later = free_port(), free_port()
+    watch = PathWatch(path)
     try:
         waiter = spawn_via(path, docker_args(port, backend.port))
         logs.rename(tmp_path / "moved")
@@ -408,15 +411,212 @@ def test_a_reload_whose_new_engine_fails_keeps_the_old_one_serving(tmp_path, pro
         until(lambda: "did not start" in logged() and logged().count("engine serving") == 1
               and os.path.exists(path), within=20)
         assert engine.proc.poll() is None
+        watch.stop()
+        assert watch.missing == 0  # it never stopped listening on the path
         assert serves_tcp(port)
         spawn_via(path, docker_args(later, backend.port))  # registrations come again
         assert serves_tcp(later)
         waiter.stop(signal.SIGINT)
         assert waiter.proc.returncode == 0 and refused(port)
     finally:
+        watch.stop()
         engine.stop(signal.SIGTERM)
         backend.close()
     assert engine.proc.returncode == 0
+
+
+# -- a reload hands the engine's listening socket over: the path never disappears -------------
+
+class PathWatch:
+    """Polls that `path` exists, from now until stop(); counts the polls that found it gone."""
+
+    def __init__(self, path: str) -> None:
+        self.path, self.done = path, threading.Event()
+        self.polls = self.missing = 0
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self.done.is_set():
+            self.polls += 1
+            if not os.path.lexists(self.path):
+                self.missing += 1
+            time.sleep(0.001)
+
+    def stop(self) -> None:
+        self.done.set()
+        self.thread.join(timeout=10)
+
+
+def engines_on(path: str) -> list[int]:
+    """Every live `pyproxy -engine` process serving `path` (not its workers, not waiters)."""
+    found = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/cmdline") as f:
+                args = f.read().split("\0")
+        except OSError:
+            continue
+        if "-engine" in args and path in args:
+            found.append(int(name))
+    return found
+
+
+def test_spawns_across_a_reload_all_start_and_the_path_never_disappears(tmp_path,
+                                                                        proxy_loop_env):
+    """30 spawns, 4 in flight at any moment, each a pyproxy with fd 3 as dockerd starts it,
+    while the engine reloads: every one says "0" and serves, one engine is left, and the
+    socket path was there throughout (none could find no engine and start a rival)."""
+    path = str(tmp_path / "engine.sock")
+    engine = start_engine(path, proxy_loop_env)
+    backend = EchoBackend()
+    ports = [free_port() for _ in range(30)]
+    env = {**proxy_loop_env, "PYPROXY_ENGINE_SOCKET": path}
+    started = threading.Semaphore(0)
+
+    def one(port: int) -> Proxy:
+        try:
+            return Proxy(docker_args(port, backend.port), env=env, wait_ready=False)
+        finally:
+            started.release()
+
+    watch = PathWatch(path)
+    new_pid = 0
+    try:
+        with ThreadPoolExecutor(4) as pool:
+            spawned = [pool.submit(one, port) for port in ports]
+            for _ in range(6):
+                started.acquire(timeout=30)
+            engine.proc.send_signal(signal.SIGUSR2)  # 24 spawns still to come, 4 in flight
+            proxies = [future.result(timeout=60) for future in spawned]
+        assert engine.proc.wait(timeout=30) == 0
+        watch.stop()
+        assert [p.status for p in proxies] == [b"0\n"] * len(ports), \
+            [(p.status, output(p.proc)[1][-300:]) for p in proxies if p.status != b"0\n"]
+        assert watch.polls > 100 and watch.missing == 0
+        lines = output(engine.proc)[0].decode().splitlines()
+        new_pid = int(lines[-1].rpartition("pid ")[2].rstrip(")"))
+        assert engines_on(path) == [new_pid]  # no spawn started an engine of its own
+        until(lambda: all(serves_tcp(port) for port in ports), within=20)
+        assert all(p.proc.poll() is None for p in proxies)  # dockerd's children stay
+        # The new engine adopted the socket file, so it is the one that removes it at its stop.
+        os.kill(new_pid, signal.SIGTERM)
+        until(lambda: not engines_on(path), within=10)
+        assert not os.path.lexists(path)
+        new_pid = 0
+    finally:
+        watch.stop()
+        if new_pid:
+            os.kill(new_pid, signal.SIGKILL)  # not our child: the old engine started it
+        backend.close()
+
+
+def test_a_new_engine_that_fails_after_adopting_leaves_the_socket_in_place(tmp_path,
+                                                                          proxy_loop_env):
+    """Its /metrics port is taken: it says "1" and exits, and the socket file, which the old
+    engine still serves on, stays (only an engine that said "0" owns an adopted socket)."""
+    path, metrics = str(tmp_path / "engine.sock"), free_port()
+    listener = _unix_listener(path)
+    taker = socket.create_server(("127.0.0.1", metrics))
+    status_r, status_w = os.pipe()
+    proc = spawn(["-engine", "-engine-socket", path, "-metrics-addr", f"127.0.0.1:{metrics}"],
+                 {3: status_w, 4: listener.fileno()},
+                 env={**proxy_loop_env, "PYPROXY_ENGINE_LISTEN_FD": "4"})
+    os.close(status_w)
+    try:
+        status = read_status(status_r)
+        assert proc.wait(timeout=20) == 1
+        assert status.startswith(b"1\n") and b"metrics" in status, status
+        assert os.path.lexists(path)
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as spawn_like:
+            spawn_like.connect(path)  # still listening: queued for whoever serves next
+    finally:
+        os.close(status_r)
+        taker.close()
+        listener.close()
+
+
+def _unix_listener(path: str, listen: bool = True) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.bind(path)
+    if listen:
+        sock.listen()
+    return sock
+
+
+@pytest.mark.parametrize("kind", ["tcp", "other-path", "not-listening", "datagram", "pipe",
+                                  "closed", "garbage"])
+def test_the_new_engine_refuses_a_listener_that_is_not_its_socket(tmp_path, kind):
+    path = str(tmp_path / "engine.sock")
+    handed: socket.socket | None = None
+    fd_text, fds = "4", {}
+    if kind == "tcp":
+        handed = socket.create_server(("127.0.0.1", 0))
+    elif kind == "other-path":
+        handed = _unix_listener(str(tmp_path / "other.sock"))
+    elif kind == "not-listening":
+        handed = _unix_listener(path, listen=False)
+    elif kind == "datagram":
+        handed = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        handed.bind(path)
+    elif kind == "garbage":
+        fd_text = "four"
+    read_end, write_end = os.pipe()
+    if handed is not None:
+        fds = {4: handed.fileno()}
+    elif kind == "pipe":
+        fds = {4: read_end}
+    status_r, status_w = os.pipe()
+    proc = spawn(["-engine", "-engine-socket", path], {3: status_w, **fds},
+                 env={"PYPROXY_ENGINE_LISTEN_FD": fd_text})
+    os.close(status_w)
+    try:
+        status = read_status(status_r)
+        assert proc.wait(timeout=20) == 1
+    finally:
+        os.close(status_r)
+        os.close(read_end)
+        os.close(write_end)
+        if handed is not None:
+            handed.close()
+    assert status.startswith(b"1\nengine: PYPROXY_ENGINE_LISTEN_FD=" + fd_text.encode()), status
+    assert b"Traceback" not in output(proc)[1]
+    assert not engines_on(path)
+    if kind in ("not-listening", "datagram"):
+        assert os.path.lexists(path)  # never removed: not a socket it made
+    else:
+        assert not os.path.lexists(path)  # nor made one of its own
+
+
+def test_the_new_engine_adopts_its_socket_and_removes_it_at_its_stop(tmp_path,
+                                                                    proxy_loop_env):
+    """As a reload's new engine: a spawn queued on the socket before it started is served."""
+    path = str(tmp_path / "engine.sock")
+    listener = _unix_listener(path)
+    backend, port = EchoBackend(), free_port()
+    queued = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    queued.connect(path)  # in the backlog, as a spawn during the switch
+    try:
+        engine = Proxy(["-engine", "-engine-socket", path], pass_fds={4: listener.fileno()},
+                       env={**proxy_loop_env, "PYPROXY_ENGINE_LISTEN_FD": "4"})
+        listener.close()
+        queued.sendall(frame(encode_request(docker_args(port, backend.port), False)))
+        reply = b""
+        while (payload := unframe(reply)) is None:
+            chunk = queued.recv(65536)
+            assert chunk, reply
+            reply += chunk
+        assert decode_reply(payload)[0] == 0
+        assert serves_tcp(port)
+        queued.close()
+        engine.stop(signal.SIGTERM)
+        assert engine.proc.returncode == 0
+        assert not os.path.lexists(path)
+    finally:
+        queued.close()
+        backend.close()
 
 
 @pytest.mark.parametrize("flag", ["-engine-reattach=99", "-engine-reattach=x", "-engine-reattach=0"])

@@ -18,6 +18,11 @@ meanwhile are served. `pyproxy -list` sends
 LIST_REQUEST instead of an argv and gets every mapping's row (proxy.ground.listing), under
 the same check of who is asking.
 
+SIGUSR2 reloads: the installed pyproxy is started with this engine's command line and its
+listening socket (LISTEN_FD_ENV), which it adopts, so the path never disappears and no spawn
+is reset or starts a rival engine; once it says "0", this one stops accepting, hands every
+waiter over (each re-attaches to it) and drains (see serve, _reload, _hand_over).
+
 With -engine-idle-exit D (what a spawned pyproxy that starts the engine passes), the engine
 exits once no registration has been open for D: it unlinks its socket first, then takes what
 is already queued on it, so a spawn racing the exit is served here or starts a new engine.
@@ -30,6 +35,7 @@ from __future__ import annotations
 
 import array
 import asyncio
+import fcntl
 import logging
 import os
 import signal
@@ -68,6 +74,11 @@ log = logging.getLogger("pyproxy")
 REQUEST_TIMEOUT = 5.0  # a spawned pyproxy sends its request at once; an idle peer is dropped
 ANSWER_TIMEOUT = 10.0  # dockerd gives up on "0\n" after 16 s: answer well before
 RELOAD_TIMEOUT = 20.0
+SETTLE_TIMEOUT = REQUEST_TIMEOUT + ANSWER_TIMEOUT  # the longest a registration takes to answer
+# A reload hands the engine's listening socket to the new engine on this fd, named in its
+# environment (see Engine._reload): the path never disappears, so no spawn starts a rival.
+LISTEN_FD_ENV = "PYPROXY_ENGINE_LISTEN_FD"
+_RELOAD_LISTEN_FD = 4
 RETIRE_GRACE = 0.5  # an idle engine accepts this long after unlinking its socket (see serve)
 _UCRED = struct.Struct("3i")  # pid, uid, gid
 # Room for a re-attach's sockets, one per mapping: the kernel closes any more that come.
@@ -182,7 +193,12 @@ class Engine:
         self.publications: set[Publication] = set()
         self._metrics: Any = None
         self._tasks: set[asyncio.Task[None]] = set()
-        self._socket_id: tuple[int, int] | None = None  # (st_dev, st_ino) of the socket we made
+        self._socket_id: tuple[int, int] | None = None  # (st_dev, st_ino) of the socket we own
+        # The socket file of a listener adopted from the engine we replace: ours to remove
+        # only once we have said "0" (until then the old engine serves on it, see serve).
+        self._adopted_id: tuple[int, int] | None = None
+        self._settling: set[asyncio.Task[None]] = set()  # registrations not yet answered
+        self._settled: asyncio.Future[None] | None = None
         self._last_busy = 0.0  # loop time when the last registration ended (-engine-idle-exit)
         self._became_idle: asyncio.Future[None] | None = None
         self.pool: WorkerPool | None = None  # the worker processes, if any (-workers)
@@ -240,6 +256,44 @@ class Engine:
             probe.close()
         raise StartupError(f"engine: another engine is already serving {self.path}")
 
+    def _adopt(self, value: str) -> socket.socket:
+        """The listening socket the engine we replace handed us (LISTEN_FD_ENV): only an
+        AF_UNIX stream socket listening at exactly our -engine-socket path."""
+        where = f"engine: {LISTEN_FD_ENV}={value}"
+        try:
+            fd = int(value)
+            if fd < 0:
+                raise ValueError(value)
+            mode = os.fstat(fd).st_mode
+        except ValueError:
+            raise StartupError(f"{where}: not a file descriptor") from None
+        except OSError as exc:
+            raise StartupError(f"{where}: {go_strerror(exc)}") from None
+        if not stat.S_ISSOCK(mode):
+            raise StartupError(f"{where}: not a socket")
+        sock = socket.socket(fileno=fd)
+        try:
+            listening = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+            name = sock.getsockname()
+            if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM or not listening:
+                raise StartupError(f"{where}: not a listening Unix stream socket")
+            if name != self.path:
+                raise StartupError(f"{where}: listens at {name!r}, not at -engine-socket "
+                                   f"{self.path}")
+            st = os.lstat(self.path)
+            if not stat.S_ISSOCK(st.st_mode):
+                raise StartupError(f"{where}: {self.path} is {_kind(st.st_mode)}, not a socket")
+        except OSError as exc:
+            sock.detach()
+            raise StartupError(f"{where}: {go_strerror(exc)}") from None
+        except StartupError:
+            sock.detach()  # not ours to close: whatever it is, it was not handed to us
+            raise
+        self._adopted_id = (st.st_dev, st.st_ino)
+        sock.set_inheritable(False)  # nothing we start (a later reload's engine) may hold it
+        sock.setblocking(False)
+        return sock
+
     def _unlink_own_socket(self) -> None:
         """At stop: remove the path only if it is still the socket this engine created."""
         try:
@@ -250,19 +304,25 @@ class Engine:
             pass  # already gone (deleted by hand): nothing of ours to remove
 
     def _open(self) -> socket.socket:
-        """The engine socket, and /metrics if asked for; StartupError if either fails."""
-        listener = self._listen()
+        """The engine socket (bound here, or adopted from the engine we replace), and /metrics
+        if asked for; StartupError if either fails."""
+        # Out of the environment at once: nothing we start may take the name for its own.
+        handed = os.environ.pop(LISTEN_FD_ENV, None)
+        listener = self._listen() if handed is None else self._adopt(handed)
+        try:
+            self._open_metrics()
+        except StartupError:
+            listener.close()
+            self._unlink_own_socket()  # only one we bound: an adopted one is still the old engine's
+            raise
+        return listener
+
+    def _open_metrics(self) -> None:
         if self.config.metrics_addr:
             from proxy.ground.metrics import start_metrics  # only paid for when asked
 
-            try:
-                self._metrics = start_metrics(self.config.metrics_addr, self.stats,
-                                              self.engine_stats, self._refresh_from_thread)
-            except StartupError:
-                listener.close()
-                self._unlink_own_socket()
-                raise
-        return listener
+            self._metrics = start_metrics(self.config.metrics_addr, self.stats,
+                                          self.engine_stats, self._refresh_from_thread)
 
     def _refresh_from_thread(self) -> None:
         if self.pool is not None:
@@ -295,6 +355,8 @@ class Engine:
             self._unlink_own_socket()
             raise
         status.ready()
+        if self._adopted_id is not None:
+            self._socket_id = self._adopted_id  # the old engine lets go of it now: ours to remove
         print(f"pyproxy engine serving {self.path} (pid {os.getpid()})", flush=True)
         log.info("engine serving %s (pid %d)", self.path, os.getpid(), extra={"socket": self.path})
         loop = asyncio.get_running_loop()
@@ -306,8 +368,8 @@ class Engine:
         reload_wanted = asyncio.Event()
         loop.add_signal_handler(signal.SIGUSR2, reload_wanted.set)
         self._last_busy = loop.time()
+        accepting = loop.create_task(self._accept(listener))
         while True:
-            accepting = loop.create_task(self._accept(listener))
             reload_asked = loop.create_task(reload_wanted.wait())
             either: set[asyncio.Future[Any]] = {stop, reload_asked}
             idle = None
@@ -321,17 +383,20 @@ class Engine:
                 sdnotify.stopping()
                 await self._close_metrics(wait=False)
                 break
-            accepting.cancel()
-            await asyncio.wait((accepting,))  # its reader is off the listener's fd: then close
-            listener.close()
-            self._unlink_own_socket()
             if stop.done():
+                await self._stop_accepting(listener, accepting)
+                self._unlink_own_socket()
                 sdnotify.stopping()
                 await self._close_metrics(wait=False)
                 break
             reload_wanted.clear()
             await self._close_metrics(wait=True)  # the new engine binds the same address
-            if await self._reload():
+            # We accept on meanwhile: a spawn registers here (and re-attaches with the rest
+            # below) or stays queued on the socket for the new engine, which accepts on it too.
+            if await self._reload(listener):
+                await self._stop_accepting(listener, accepting)
+                self._socket_id = None  # the new engine's now: never ours to remove
+                await self._hand_over()
                 # The waiters re-attach to the new engine; what is open here may finish.
                 await asyncio.gather(*(publication.close(self.config.drain_timeout)
                                        for publication in list(self.publications)))
@@ -340,20 +405,21 @@ class Engine:
                 log.info("engine reloaded; this one (pid %d) is done", os.getpid())
                 return 0
             try:
-                listener = self._open()  # serve on, as if nothing had been asked
+                self._open_metrics()  # serve on, as if nothing had been asked
             except StartupError as exc:
-                # Its mappings still serve; only new registrations cannot come.
-                log.error("reload failed, and the engine socket cannot be opened again: %s; "
-                          "serving the %d mapping(s) it has until stopped", exc,
-                          len(self.publications))
-                await stop
-                break
+                log.error("reload failed, and /metrics cannot be served again: %s", exc)
         for publication in list(self.publications):
             await publication.close()
         if self.pool is not None:
             await self.pool.close(0.0)
         log.info("engine stopped; released %d mapping(s)", len(self.publications))
         return 0
+
+    @staticmethod
+    async def _stop_accepting(listener: socket.socket, accepting: asyncio.Task[None]) -> None:
+        accepting.cancel()
+        await asyncio.wait((accepting,))  # its reader is off the listener's fd: then close
+        listener.close()
 
     async def _close_metrics(self, wait: bool) -> None:
         """Stop /metrics; with `wait`, only once its port is free again."""
@@ -368,11 +434,10 @@ class Engine:
 
             stop_metrics(server)
 
-    async def _reload(self) -> bool:
-        """Start the installed pyproxy with this engine's command line on the same path (ours
-        is gone by now), wait for its "0" on a status pipe; if it came, stop accepting and end
-        every waiter's connection, so each re-attaches its held sockets to the new engine
-        (clients queue in the kernel meanwhile): True. False if it did not start."""
+    async def _reload(self, listener: socket.socket) -> bool:
+        """Start the installed pyproxy with this engine's command line, handing it `listener`
+        (on _RELOAD_LISTEN_FD, named by LISTEN_FD_ENV in its environment only), and wait for
+        its "0" on a status pipe: True if it came, False if it did not start."""
         loop = asyncio.get_running_loop()
         command = pyproxy_command(sys.argv[1:])
         read_end, write_end = os.pipe()
@@ -380,14 +445,25 @@ class Engine:
             write_end = os.dup(STATUS_FD)
             os.close(STATUS_FD)
         try:
-            pid = os.posix_spawn(command[0], command, os.environ,
-                                 file_actions=[(os.POSIX_SPAWN_DUP2, write_end, STATUS_FD)])
+            # A copy above both targets: neither dup2 in the child overwrites the other's source.
+            handed = fcntl.fcntl(listener.fileno(), fcntl.F_DUPFD_CLOEXEC, _RELOAD_LISTEN_FD + 1)
+        except OSError as exc:  # out of fds
+            log.error("reload: cannot hand the engine socket over: %s", go_strerror(exc))
+            os.close(read_end)
+            os.close(write_end)
+            return False
+        try:
+            pid = os.posix_spawn(command[0], command,
+                                 {**os.environ, LISTEN_FD_ENV: str(_RELOAD_LISTEN_FD)},
+                                 file_actions=[(os.POSIX_SPAWN_DUP2, write_end, STATUS_FD),
+                                               (os.POSIX_SPAWN_DUP2, handed, _RELOAD_LISTEN_FD)])
         except OSError as exc:
             log.error("reload: cannot start %s: %s", command[0], go_strerror(exc))
             os.close(read_end)
             return False
         finally:
             os.close(write_end)
+            os.close(handed)
         try:
             answer = await asyncio.wait_for(_read_to_eof(read_end), RELOAD_TIMEOUT)
         except TimeoutError:
@@ -402,13 +478,22 @@ class Engine:
             return False
         log.info("reload: engine pid %d serves %s; handing %d mapping(s) over to it", pid,
                  self.path, len(self.publications))
+        return True
+
+    async def _hand_over(self) -> None:
+        """Once we accept no more: let every registration being served get its answer, then
+        stop accepting on every mapping and end every waiter's connection, so each re-attaches
+        its held sockets to the new engine (clients queue in the kernel meanwhile). Cancelling
+        one not yet answered would fail its spawn (it reads EOF, not "0")."""
+        if self._settling:
+            self._settled = asyncio.get_running_loop().create_future()
+            await asyncio.wait((self._settled,), timeout=SETTLE_TIMEOUT)
         for publication in self.publications:
             publication.stop_accepting()  # our copies of the sockets: the waiters hold theirs
         if self.pool is not None:
             await self.pool.quiesce()  # and the workers': from now on the new engine accepts
         for task in list(self._tasks):
             task.cancel()  # closes each waiter's connection: it re-attaches
-        return True
 
     async def _retire(self, listener: socket.socket, accepting: asyncio.Task[None],
                       stop: asyncio.Future[int]) -> None:
@@ -472,10 +557,19 @@ class Engine:
     def _register(self, conn: socket.socket) -> None:
         task = asyncio.get_running_loop().create_task(self._registration(conn))
         self._tasks.add(task)
+        self._settling.add(task)
         task.add_done_callback(self._registration_done)
+
+    def _answered(self, task: asyncio.Task[Any] | None) -> None:
+        """`task`'s registration has its answer (or ended): a reload may hand it over now."""
+        if task is not None:
+            self._settling.discard(task)
+        if not self._settling and self._settled is not None and not self._settled.done():
+            self._settled.set_result(None)
 
     def _registration_done(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
+        self._answered(task)
         self._last_busy = asyncio.get_running_loop().time()
         if not self._tasks and self._became_idle is not None and not self._became_idle.done():
             self._became_idle.set_result(None)
@@ -577,6 +671,7 @@ class Engine:
                 # The waiter holds a copy of each listening socket, so they outlive us.
                 await self._reply(conn, 0, "\n".join(lines),
                                   [sock.fileno() for sock in publication.sockets])
+            self._answered(asyncio.current_task())
             stop = await self._held_until_stop(conn)
             await self._release(publication)
             publication = None
