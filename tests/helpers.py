@@ -261,8 +261,13 @@ def cmdline(pid: int) -> str:
 
 
 def refused(port: int) -> bool:
+    """Nothing listens on the port. A reset is not that: a listener closing while this
+    connect was in its queue resets it (a port being released), so callers that poll
+    (released(), until()) try again, and one that asserts at once fails, as it should."""
     try:
         socket.create_connection(("127.0.0.1", port), timeout=2).close()
+        return False
+    except ConnectionResetError:
         return False
     except ConnectionRefusedError:
         return True
