@@ -521,3 +521,92 @@ def workers_of(pid: int) -> list[int]:
         except OSError:
             pass
     return sorted(found)
+
+
+# -- engine survival: probes that a port serves, and a connect loop ---------------------------
+
+def alive(pid: int) -> bool:
+    """Running, not gone nor a zombie (whoever adopted it may not have reaped it yet)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return "State:\tZ" not in f.read()
+    except OSError:
+        return False
+
+
+def serves_tcp(port: int) -> bool:
+    try:
+        return exchange("127.0.0.1", port, b"%d" % port) == b"%d" % port
+    except OSError:
+        return False
+
+
+def serves_udp(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as c:
+        c.settimeout(0.5)
+        try:
+            c.sendto(b"u%d" % port, ("127.0.0.1", port))
+            return c.recvfrom(65536)[0] == b"u%d" % port
+        except OSError:
+            return False
+
+
+def until(condition, within: float) -> float:  # type: ignore[no-untyped-def]
+    """Seconds until `condition()` held; fails the test after `within`."""
+    start = time.monotonic()
+    while not condition():
+        assert time.monotonic() - start < within, f"not within {within}s"
+        time.sleep(0.01)
+    return time.monotonic() - start
+
+
+class UdpEcho:
+    def __init__(self) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                data, addr = self.sock.recvfrom(65536)
+                self.sock.sendto(data, addr)
+            except OSError:
+                return
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class ConnectLoop:
+    """New TCP connections in a loop, each checked end to end; counts what went wrong."""
+
+    def __init__(self, port: int) -> None:
+        self.port, self.done = port, threading.Event()
+        self.served = self.refused = self.lost = 0
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self.done.is_set():
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=20) as s:
+                    s.sendall(b"loop")
+                    s.shutdown(socket.SHUT_WR)
+                    answer = b""
+                    while chunk := s.recv(100):
+                        answer += chunk
+                if answer == b"loop":
+                    self.served += 1
+                else:
+                    self.lost += 1  # open on the engine that died
+            except ConnectionRefusedError:
+                self.refused += 1
+            except OSError:
+                self.lost += 1
+            time.sleep(0.005)
+
+    def stop(self) -> None:
+        self.done.set()
+        self.thread.join(timeout=30)

@@ -22,6 +22,7 @@ from tests.helpers import (
     REPO,
     EchoBackend,
     Proxy,
+    alive,
     cmdline,
     docker_args,
     exchange,
@@ -53,15 +54,6 @@ def engines(path: str) -> list[int]:
 def ppid(pid: int) -> int:
     with open(f"/proc/{pid}/status") as f:
         return int(next(line for line in f if line.startswith("PPid:")).split()[1])
-
-
-def alive(pid: int) -> bool:
-    """Running, not gone nor a zombie (whoever adopted it may not have reaped it yet)."""
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            return "State:\tZ" not in f.read()
-    except OSError:
-        return False
 
 
 def wait_until(predicate, timeout: float = 10) -> bool:  # type: ignore[no-untyped-def]

@@ -18,17 +18,21 @@ import pytest
 
 from proxy.ground.wire import decode_reply, encode_request, frame, unframe
 from tests.helpers import (
+    ConnectLoop,
     EchoBackend,
     Proxy,
+    UdpEcho,
     docker_args,
-    exchange,
     free_port,
     output,
     read_status,
     reattaching,
     refused,
+    serves_tcp,
+    serves_udp,
     spawn,
     spawn_via,
+    until,
     waiting,
 )
 
@@ -43,92 +47,9 @@ def start_engine(path: str, env: dict[str, str], metrics: int | None = None) -> 
     return Proxy(args, env=env)
 
 
-def cmdline(pid: int) -> str:
-    with open(f"/proc/{pid}/cmdline") as f:
-        return f.read().replace("\0", " ")
-
-
 def kill9(engine: Proxy) -> None:
     engine.proc.kill()
     engine.proc.wait(timeout=5)
-
-
-def serves_tcp(port: int) -> bool:
-    try:
-        return exchange("127.0.0.1", port, b"%d" % port) == b"%d" % port
-    except OSError:
-        return False
-
-
-def serves_udp(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as c:
-        c.settimeout(0.5)
-        try:
-            c.sendto(b"u%d" % port, ("127.0.0.1", port))
-            return c.recvfrom(65536)[0] == b"u%d" % port
-        except OSError:
-            return False
-
-
-def until(condition, within: float) -> float:  # type: ignore[no-untyped-def]
-    """Seconds until `condition()` held; fails the test after `within`."""
-    start = time.monotonic()
-    while not condition():
-        assert time.monotonic() - start < within, f"not within {within}s"
-        time.sleep(0.01)
-    return time.monotonic() - start
-
-
-class UdpEcho:
-    def __init__(self) -> None:
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.sock.bind(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
-        threading.Thread(target=self._serve, daemon=True).start()
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                data, addr = self.sock.recvfrom(65536)
-                self.sock.sendto(data, addr)
-            except OSError:
-                return
-
-    def close(self) -> None:
-        self.sock.close()
-
-
-class ConnectLoop:
-    """New TCP connections in a loop, each checked end to end; counts what went wrong."""
-
-    def __init__(self, port: int) -> None:
-        self.port, self.done = port, threading.Event()
-        self.served = self.refused = self.lost = 0
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        while not self.done.is_set():
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=20) as s:
-                    s.sendall(b"loop")
-                    s.shutdown(socket.SHUT_WR)
-                    answer = b""
-                    while chunk := s.recv(100):
-                        answer += chunk
-                if answer == b"loop":
-                    self.served += 1
-                else:
-                    self.lost += 1  # open on the engine that died
-            except ConnectionRefusedError:
-                self.refused += 1
-            except OSError:
-                self.lost += 1
-            time.sleep(0.005)
-
-    def stop(self) -> None:
-        self.done.set()
-        self.thread.join(timeout=30)
 
 
 @pytest.mark.parametrize("use_listen_fd", [False, True], ids=["fd4-free", "fd4-socket"])

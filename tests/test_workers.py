@@ -17,8 +17,10 @@ import pytest
 
 from proxy.ground.budget import ephemeral_port_range, flow_limit
 from tests.helpers import (
+    ConnectLoop,
     EchoBackend,
     Proxy,
+    alive,
     cmdline,
     docker_args,
     exchange,
@@ -28,13 +30,15 @@ from tests.helpers import (
     reattaching,
     refused,
     scrape,
+    serves_tcp,
+    serves_udp,
     spawn,
     spawn_via,
+    until,
     value,
     waiting,
     workers_of,
 )
-from tests.test_survive import ConnectLoop, serves_tcp, serves_udp, until
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -170,15 +174,7 @@ def test_every_worker_accepts_every_connection_is_served_and_metrics_sum(tmp_pat
         engine.stop(signal.SIGINT)
         backend.close()
     assert engine.proc.returncode == 0
-    assert not any(os.path.exists(f"/proc/{pid}") and _alive(pid) for pid in pids)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            return not any(line.startswith("State:") and "Z" in line for line in f)
-    except OSError:
-        return False
+    assert not any(os.path.exists(f"/proc/{pid}") and alive(pid) for pid in pids)
 
 
 def test_a_killed_worker_comes_back_and_no_client_is_refused(tmp_path, proxy_loop_env):
@@ -346,7 +342,7 @@ def test_engine_killed_then_restarted_with_workers_reattaches(tmp_path, proxy_lo
         old_workers = workers_of(engine.proc.pid)
         engine.proc.kill()
         engine.proc.wait(timeout=5)
-        until(lambda: not any(_alive(pid) for pid in old_workers), within=5)  # PDEATHSIG
+        until(lambda: not any(alive(pid) for pid in old_workers), within=5)  # PDEATHSIG
         until(lambda: reattaching(waiter.proc.pid), within=10)
         assert not refused(port)  # the waiter holds it: clients queue
         engine, _ = start_engine(path, proxy_loop_env)
