@@ -3,7 +3,9 @@
 # build id, no timestamps, no symbols), so that the committed binary can be checked against
 # its source: tests/test_waiter.py runs this and compares the bytes.
 #   proxy/waiter/build.sh [OUTDIR]    (default: beside this script, proxy/waiter/ARCH/)
-# Users need no toolchain: the built binary is committed and shipped as package data.
+# Users need no toolchain: the built binary is committed and shipped as package data. The
+# committed one was built with GNU binutils 2.40 (Debian 12); another version may lay the
+# file out differently: then rebuild, check the tests, and commit both.
 set -eu
 here=$(cd "$(dirname "$0")" && pwd)
 out=${1:-$here}
