@@ -94,6 +94,7 @@ def waiters():
 
 @pytest.mark.skipif(not (shutil.which("as") and shutil.which("ld")),
                     reason="needs GNU as and ld (Debian: binutils) to rebuild pyproxy-wait")
+@pytest.mark.skipif(os.uname().machine != "x86_64", reason="built by x86-64 binutils")
 def test_the_committed_binary_is_what_its_source_builds_to(tmp_path):
     """proxy/waiter/build.sh from the checkout's source, byte for byte the binary committed
     (and, on an installed build, the one installed)."""
