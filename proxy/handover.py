@@ -454,10 +454,18 @@ def _exchange(engine: _socket.socket, argv: Sequence[str], fds: Sequence[int],
     global _registered
     ancillary = [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS,
                   b"".join(fd.to_bytes(4, sys.byteorder) for fd in fds))] if fds else []
-    engine.sendmsg([frame(encode_request(argv, reattach))], ancillary)
-    # From here the engine may hold the port for us (bound, its workers being told) before it
-    # answers: a stop signal asks it to release the port first (see _stop_now).
-    _registered = engine
+    request = frame(encode_request(argv, reattach))
+    # From the send on the engine may hold the port for us (bound, its workers being told)
+    # before it answers: a stop signal asks it to release the port first (see _stop_now). So
+    # the send and `_registered` are one step for the stop handler: a stop that came during
+    # the send (its Python handler runs at the next bytecode, before `_registered` was set)
+    # would otherwise exit without a word, leaving the port bound until the engine noticed.
+    _signal.pthread_sigmask(_signal.SIG_BLOCK, _STOP_SIGNALS)
+    try:
+        engine.sendmsg([request], ancillary)
+        _registered = engine
+    finally:
+        _signal.pthread_sigmask(_signal.SIG_UNBLOCK, _STOP_SIGNALS)
     buffer, received = b"", []
     while (payload := unframe(buffer)) is None:
         chunk, messages, _, _ = engine.recvmsg(65536, _FD_SPACE)

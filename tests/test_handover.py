@@ -339,6 +339,41 @@ def test_a_signal_at_any_moment_of_standalone_start_up(signum, proxy_loop_env):
         backend.close()
 
 
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_stop_at_any_moment_of_a_handover_into_pyproxy_wait(engine, signum):
+    """From pyproxy's first line through the registration, the exec and pyproxy-wait's start:
+    exit 0, never death by the signal (the binary is exec'd with the stop signals blocked, so
+    a shell's instant between its exec and its trap does not exist), the port free once the
+    process is gone, "0\n" or nothing on fd 3."""
+    if waiter_binary() is None:
+        pytest.skip(f"no pyproxy-wait for {os.uname().machine}")
+    path, _ = engine
+    rng = random.Random()
+    for _ in range(15):
+        read_end, write_end = os.pipe()
+        port = free_port()
+        proc = spawn(docker_args(port, 9), {3: write_end},
+                     env={"PYPROXY_ENGINE_SOCKET": path, WAIT_SHELL_ENV: ""})
+        os.close(write_end)
+        try:
+            deadline = time.monotonic() + 10
+            while not _catches_sigterm(proc.pid):
+                assert proc.poll() is None and time.monotonic() < deadline
+                time.sleep(0.001)
+            time.sleep(rng.uniform(0, 0.06))  # through the handover, at times past "0\n"
+            proc.send_signal(signum)
+            status = read_status(read_end)
+            assert proc.wait(timeout=5) == 0
+            assert status in (b"", b"0\n")
+            assert refused(port)
+            assert b"Traceback" not in output(proc)[1]
+        finally:
+            os.close(read_end)
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
 def test_a_signal_right_after_ready(signum, proxy_loop_env):
     """The handlers are in place before "0\\n": a stop right after it exits 0, SIGHUP (a log
