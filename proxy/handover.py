@@ -4,12 +4,13 @@ become its waiter. proxy.launch decides whether to; this module does it.
 dockerd spawns one pyproxy per published port. When a pyproxy engine is running
 (`pyproxy -engine`), this process checks that the engine is ours (root or our uid, in a
 directory only they can write), sends it the command line (and the fd 4 socket dockerd
-passed, with -use-listen-fd), then replaces itself with a tiny shell waiter holding the
-engine connection: ~65 KiB of PSS (busybox) or ~115 (dash), not a Python interpreter. The
-waiter sets its signal trap and only then writes "0\\n" on fd 3, so what dockerd reads is
-true of the process it will signal. On SIGINT/SIGTERM the waiter asks the engine to release
-the port and exits 0 once it has; if the waiter dies any other way the connection ends and
-the engine releases the port.
+passed, with -use-listen-fd), then replaces itself with a tiny waiter holding the engine
+connection, not a Python interpreter: pyproxy-wait, under 1 KiB of static machine code
+shipped in proxy/waiter/ (~8 KiB of PSS), or where there is none for this machine a shell
+(~65 KiB of PSS with a static busybox, ~115 with dash). The waiter handles its stop signals
+and only then writes "0\\n" on fd 3, so what dockerd reads is true of the process it will
+signal. On SIGINT/SIGTERM the waiter asks the engine to release the port and exits 0 once it
+has; if the waiter dies any other way the connection ends and the engine releases the port.
 
 The engine's "0" carries the mapping's listening sockets, and the waiter holds them: they
 outlive the engine. If the engine goes away (killed, crashed, restarted), the waiter's read
@@ -56,12 +57,21 @@ TYPE_CHECKING = False  # not typing's: see proxy.ground.wire (start-up cost)
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
-# The waiter's shell, found at run time: the smallest POSIX shell there is. What a waiter
-# costs is the pages it writes (PSS, one waiter per published port): a statically linked
-# busybox (Debian's busybox-static) ~60 KiB, having no libc to relocate; dash ~113 KiB, of
-# which ~45 are libc's and ld.so's relocated data. So a static busybox first, then dash
-# (Debian, Ubuntu), then any busybox (Alpine), then /bin/sh (bash on Fedora, RHEL, Arch).
-# PYPROXY_WAIT_SHELL names one explicitly (and only that one is tried).
+# The waiter program. What a waiter costs is the pages it writes (PSS, one waiter per
+# published port), so the first choice is pyproxy-wait, the shell program below in under
+# 1 KiB of statically linked machine code with no libc (proxy/waiter/, one binary per
+# machine, as `uname -m` names it; built from its source by proxy/waiter/build.sh and shipped
+# as package data): its stack page and page tables, ~8 KiB. Its argv carries what the script
+# says: [title, "ready" (write "0\n" on fd 3) or "-", the re-attach command's words...].
+WAITER_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "waiter")
+WAITER_BINARY = "pyproxy-wait"
+# Where there is no binary for this machine (or it is not executable, or PYPROXY_WAIT_SHELL
+# names a program), a shell found at run time: the smallest POSIX shell there is. A
+# statically linked busybox (Debian's busybox-static) ~60 KiB, having no libc to relocate;
+# dash ~113 KiB, of which ~45 are libc's and ld.so's relocated data. So a static busybox
+# first, then dash (Debian, Ubuntu), then any busybox (Alpine), then /bin/sh (bash on Fedora,
+# RHEL, Arch). PYPROXY_WAIT_SHELL names one explicitly (and only that one is tried; a
+# program named pyproxy-wait is run as the binary).
 WAIT_SHELL_ENV = "PYPROXY_WAIT_SHELL"
 WAIT_SHELLS = ("/bin/dash", "/usr/bin/dash", "/bin/busybox", "/usr/bin/busybox", "/bin/sh")
 _BUSYBOXES = ("/bin/busybox", "/usr/bin/busybox")
@@ -78,6 +88,9 @@ WAITER_LOOP = "while read -r line; do :; done; "
 # After EOF: with sockets held, exec pyproxy to re-attach (fds 0 and 1, the dead connection,
 # become /dev/null); with none, there is nothing to keep, so exit.
 WAITER_GIVE_UP = "exit 1"
+# The binary's argv[1]: whether it answers on fd 3 (only its first byte is read).
+WAITER_ANSWERS, WAITER_SILENT = "ready", "-"
+_STOP_SIGNALS = {_signal.SIGINT, _signal.SIGTERM}
 # argv[1] of the re-attaching pyproxy: "-engine-reattach=FD,FD,..." then the original argv.
 # Internal: only a waiter passes it, and an engine trusts a re-attach no more than a registration.
 REATTACH_FLAG = "-engine-reattach"
@@ -339,6 +352,26 @@ def inherited_socket(fd: int) -> int | None:
         return None
 
 
+def waiter_program() -> str | None:
+    """The program to wait in: the pyproxy-wait binary for this machine when there is one and
+    PYPROXY_WAIT_SHELL names nothing, else the shell wait_shell() finds; None if none."""
+    if not os.environ.get(WAIT_SHELL_ENV):
+        binary = waiter_binary()
+        if binary is not None:
+            return binary
+    return wait_shell()
+
+
+def waiter_binary() -> str | None:
+    """The pyproxy-wait shipped for this machine, None if none is (or it is not executable)."""
+    path = os.path.join(WAITER_DIR, os.uname().machine, WAITER_BINARY)
+    return path if _executable(path) else None
+
+
+def _is_waiter_binary(program: str) -> bool:
+    return os.path.basename(program) == WAITER_BINARY
+
+
 def wait_shell() -> str | None:
     """The waiter's shell: an executable POSIX shell on this host, None if there is none."""
     named = os.environ.get(WAIT_SHELL_ENV) or None
@@ -388,22 +421,30 @@ def _quote(word: str) -> str:
     return "'" + word.replace("'", "'\\''") + "'"
 
 
-def resume_command(held: Sequence[int], argv: Sequence[str]) -> str:
-    """The shell command that re-attaches: this copy of pyproxy with the held fds and the
-    original argv, each word quoted."""
-    words = pyproxy_command([f"{REATTACH_FLAG}={','.join(map(str, held))}", *argv])
+def resume_argv(held: Sequence[int], argv: Sequence[str]) -> list[str]:
+    """The command that re-attaches: this copy of pyproxy with the held fds and the original
+    argv (its first word is the program's path)."""
+    return pyproxy_command([f"{REATTACH_FLAG}={','.join(map(str, held))}", *argv])
+
+
+def resume_command(words: Sequence[str]) -> str:
+    """`words` as the shell waiter's last command, each word quoted."""
     return "exec " + " ".join(map(_quote, words)) + " </dev/null >/dev/null"
 
 
-def waiter_argv(shell: str, lines: str, answers_fd3: bool, resume: str = "") -> list[str]:
+def waiter_argv(program: str, lines: str, answers_fd3: bool,
+                resume: Sequence[str] = ()) -> list[str]:
     """argv[0] shows the mapping in `ps`; busybox picks its applet by argv[0]'s last path
-    component, so there it ends in BUSYBOX_SH_SUFFIX.
-    `resume`: what to run once the engine connection ends (resume_command), if anything."""
+    component, so there it ends in BUSYBOX_SH_SUFFIX. The binary takes its instructions as
+    words, a shell as a script. `resume`: what to run once the engine connection ends
+    (resume_argv), if anything."""
     name = "pyproxy-wait " + ", ".join(lines.splitlines()) if lines else "pyproxy-wait"
-    if os.path.basename(os.path.realpath(shell)) == "busybox":
+    if _is_waiter_binary(program):
+        return [name, WAITER_ANSWERS if answers_fd3 else WAITER_SILENT, *resume]
+    if os.path.basename(os.path.realpath(program)) == "busybox":
         name += BUSYBOX_SH_SUFFIX
     return [name, "-c", WAITER_TRAP + (WAITER_READY if answers_fd3 else "") + WAITER_LOOP
-            + (resume or WAITER_GIVE_UP)]
+            + (resume_command(resume) if resume else WAITER_GIVE_UP)]
 
 
 def _exchange(engine: _socket.socket, argv: Sequence[str], fds: Sequence[int],
@@ -413,10 +454,18 @@ def _exchange(engine: _socket.socket, argv: Sequence[str], fds: Sequence[int],
     global _registered
     ancillary = [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS,
                   b"".join(fd.to_bytes(4, sys.byteorder) for fd in fds))] if fds else []
-    engine.sendmsg([frame(encode_request(argv, reattach))], ancillary)
-    # From here the engine may hold the port for us (bound, its workers being told) before it
-    # answers: a stop signal asks it to release the port first (see _stop_now).
-    _registered = engine
+    request = frame(encode_request(argv, reattach))
+    # From the send on the engine may hold the port for us (bound, its workers being told)
+    # before it answers: a stop signal asks it to release the port first (see _stop_now). So
+    # the send and `_registered` are one step for the stop handler: a stop that came during
+    # the send (its Python handler runs at the next bytecode, before `_registered` was set)
+    # would otherwise exit without a word, leaving the port bound until the engine noticed.
+    _signal.pthread_sigmask(_signal.SIG_BLOCK, _STOP_SIGNALS)
+    try:
+        engine.sendmsg([request], ancillary)
+        _registered = engine
+    finally:
+        _signal.pthread_sigmask(_signal.SIG_UNBLOCK, _STOP_SIGNALS)
     buffer, received = b"", []
     while (payload := unframe(buffer)) is None:
         chunk, messages, _, _ = engine.recvmsg(65536, _FD_SPACE)
@@ -479,8 +528,8 @@ def hand_over(engine: _socket.socket, argv: Sequence[str], status: StatusPipe,
               listen_fd: int | None) -> int:
     """Register the mapping with the engine; on success, become the waiter (never returns).
     `listen_fd` is dockerd's socket on fd 4, sent only when -use-listen-fd asks for it."""
-    shell = wait_shell()
-    if shell is None:
+    program = waiter_program()
+    if program is None:
         where = os.environ.get(WAIT_SHELL_ENV) or ", ".join(WAIT_SHELLS)
         status.fail(f"pyproxy engine: no POSIX shell to wait in (tried {where})")
         return 1
@@ -502,24 +551,33 @@ def hand_over(engine: _socket.socket, argv: Sequence[str], status: StatusPipe,
         sys.stdout.flush()
     if listen_fd is not None:
         os.set_inheritable(listen_fd, False)  # the engine sent back its copy, in `held`
-    error = _become_waiter(shell, engine, body, status.inherit_on_exec(), held, argv)
+    error = _become_waiter(program, engine, body, status.inherit_on_exec(), held, argv)
     status.fail(error)  # the engine sees the connection close when we exit
     return 1
 
 
-def _become_waiter(shell: str, engine: _socket.socket, lines: str, answers_fd3: bool,
+def _become_waiter(program: str, engine: _socket.socket, lines: str, answers_fd3: bool,
                    held: Sequence[int], argv: Sequence[str]) -> str:
-    """Exec the waiter: the engine connection on fds 0 and 1, the held sockets where they
-    are. Returns only if the exec failed: why."""
+    """Exec the waiter (`program`: waiter_program()): the engine connection on fds 0 and 1, the
+    held sockets where they are. Returns only if the exec failed: why."""
     for fd in held:
         os.set_inheritable(fd, True)
     os.dup2(engine.fileno(), 0)
     os.dup2(engine.fileno(), 1)
-    resume = resume_command(held, argv) if held else ""
+    args = waiter_argv(program, lines, answers_fd3, resume_argv(held, argv) if held else ())
+    # The binary is exec'd with the stop signals blocked, and unblocks them once its handler
+    # is set: a stop pending meanwhile waits for it, and there is no instant at all in which
+    # one ends the waiter by its default action. Not a shell: a mask survives the exec, and
+    # a shell would keep them blocked.
+    blocked = _is_waiter_binary(program)
+    if blocked:
+        _signal.pthread_sigmask(_signal.SIG_BLOCK, _STOP_SIGNALS)
     try:
-        os.execv(shell, waiter_argv(shell, lines, answers_fd3, resume))
+        os.execv(program, args)
     except OSError as exc:
-        return f"pyproxy engine: cannot run the waiter {shell}: {exc.strerror}"
+        if blocked:  # a stop that came meanwhile runs our handler now (_stop_now)
+            _signal.pthread_sigmask(_signal.SIG_UNBLOCK, _STOP_SIGNALS)
+        return f"pyproxy engine: cannot run the waiter {program}: {exc.strerror}"
     return "unreachable"  # execv returns only by raising
 
 
@@ -552,9 +610,9 @@ def reattach(args: Sequence[str]) -> int:
     if held is None:
         sys.stderr.write(f"pyproxy: {args[0]}: not a list of held socket fds\n")
         return 2
-    argv, path, shell = args[1:], engine_socket_path(), wait_shell()
-    if shell is None or not path:
-        sys.stderr.write("pyproxy: re-attach: no engine socket or no shell to wait in\n")
+    argv, path, program = args[1:], engine_socket_path(), waiter_program()
+    if program is None or not path:
+        sys.stderr.write("pyproxy: re-attach: no engine socket or no program to wait in\n")
         return 1
     delay, said = RETRY_FIRST, ""
     lost_at = time.monotonic()
@@ -576,7 +634,7 @@ def reattach(args: Sequence[str]) -> int:
                 os.close(fd)  # a re-attach is answered with none; never keep what we didn't ask for
             if code == 0:
                 engine.settimeout(None)
-                error = _become_waiter(shell, engine, body, False, held, argv)
+                error = _become_waiter(program, engine, body, False, held, argv)
                 sys.stderr.write(f"pyproxy: {error}\n")
                 return 1
             engine.close()

@@ -14,6 +14,7 @@ import pytest
 import uvloop
 
 import proxy
+from proxy.handover import WAIT_SHELL_ENV, wait_shell, waiter_binary
 from tests.helpers import INSTALLED, REPO, EchoBackend, Proxy, free_port, reap_spawned
 
 LOOPS = ["uvloop", "asyncio"]
@@ -39,6 +40,21 @@ def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> d
 def proxy_loop_env(request: pytest.FixtureRequest) -> dict[str, str]:
     """Subprocess tests run pyproxy on both loops too."""
     return {"PYPROXY_LOOP": request.param}
+
+
+@pytest.fixture(params=["binary", "shell"])
+def waiter_env(request: pytest.FixtureRequest) -> dict[str, str]:
+    """Spawns that become the engine's waiter, in each kind of waiter: pyproxy-wait (the
+    default where one is shipped for this machine) and the shell that would stand in for it
+    (PYPROXY_WAIT_SHELL names it; empty: the default, whatever this environment says)."""
+    if request.param == "binary":
+        if waiter_binary() is None:
+            pytest.skip(f"no pyproxy-wait for {os.uname().machine}")
+        return {WAIT_SHELL_ENV: ""}
+    shell = wait_shell()
+    if shell is None:
+        pytest.skip("no POSIX shell here")
+    return {WAIT_SHELL_ENV: shell}
 
 
 @pytest.fixture

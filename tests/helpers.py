@@ -252,8 +252,9 @@ def docker_args(host_port: int, backend_port: int, host_ip: str = "127.0.0.1",
             "-container-ip", "127.0.0.1", "-container-port", str(backend_port)]
 
 
-def spawn_via(path: str, args: list[str], **kw) -> Proxy:  # type: ignore[no-untyped-def]
-    return Proxy(args, env={"PYPROXY_ENGINE_SOCKET": path}, **kw)
+def spawn_via(path: str, args: list[str], env: dict[str, str] | None = None,
+              **kw) -> Proxy:  # type: ignore[no-untyped-def]
+    return Proxy(args, env={"PYPROXY_ENGINE_SOCKET": path, **(env or {})}, **kw)
 
 
 def cmdline(pid: int) -> str:
@@ -474,8 +475,8 @@ def value(samples: dict, name: str, **labels: str) -> float:
 
 
 def waiting(pid: int) -> bool:
-    """`pid` is a waiter shell (its title names the mapping) whose trap is set: a stop signal
-    from now on is answered, not the end of it by the signal (the instant after the exec)."""
+    """`pid` is a waiter (its title names the mapping) whose stop handler is set (a shell's
+    trap): a stop signal from now on is answered, not the end of it by the signal."""
     try:
         with open(f"/proc/{pid}/cmdline") as f:
             if not f.read().startswith("pyproxy-wait"):
@@ -494,10 +495,12 @@ def reattaching(pid: int) -> bool:
 
     try:
         with open(f"/proc/{pid}/cmdline") as f:
-            # Its own argv word: the waiter shell's -c script names the flag too, and a stop
-            # signal sent while the shell is still there, or exec'ing, is not what is tested.
-            if not any(arg.startswith(REATTACH_FLAG) for arg in f.read().split("\0")):
-                return False
+            argv = f.read().split("\0")
+        # Its own argv word, and not the waiter's: the shell's -c script names the flag too,
+        # pyproxy-wait has it among its words, and a stop signal sent while the waiter is
+        # still there, or exec'ing, is not what is tested.
+        if argv[0].startswith("pyproxy-wait") or not any(a.startswith(REATTACH_FLAG) for a in argv):
+            return False
         with open(f"/proc/{pid}/status") as f:
             caught = next(line for line in f if line.startswith("SigCgt:"))
     except (OSError, StopIteration):

@@ -231,6 +231,19 @@ def test_help_version_and_engine_requests_get_a_reply_not_an_exit(engine, argv):
     assert b"usage:" not in out + err  # nothing printed by the engine for a peer
 
 
+def test_a_stop_sent_with_the_request_is_answered_once_the_port_is_released(engine):
+    """A pyproxy stopped just as it registers sends "stop" at once (proxy.handover._stop_now),
+    so the engine may read it with the request: the port is released, then "ok", at once, not
+    once the connection ends (here it never would: the client waits for EOF)."""
+    path, _ = engine
+    port = free_port()
+    answer = raw(path, frame(encode_argv(docker_args(port, 9))) + b"stop\n", timeout=5)
+    code, text = decode_reply(unframe(answer) or b"")
+    assert code == 0 and text.endswith(f"127.0.0.1:{port}"), text
+    assert answer.endswith(b"ok\n")
+    assert refused(port)
+
+
 @pytest.mark.parametrize("junk", [
     b"junk\n", b"9" * 5000 + b"\n", b"-3\nabc", b"5_0\n" + b"x" * 50, b"\xff\xfe\n",
     b"5\nhello",  # a frame, but not NUL-terminated arguments

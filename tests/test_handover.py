@@ -1,5 +1,6 @@
 """The spawned side of the engine hand-over, and start-up under signals: what fd 3 and fd 4
-are, who the engine is, the waiter's shell, and a stop at any moment of start-up.
+are, who the engine is, the waiter (pyproxy-wait or a shell), and a stop at any moment of
+start-up. pyproxy-wait itself, run directly: tests/test_waiter.py.
 
 Every pyproxy here is a real subprocess with dockerd's fd layout (fd 3 the status pipe,
 fd 4 free, as dockerd < 28 spawns it) unless a test says otherwise.
@@ -16,7 +17,15 @@ import time
 
 import pytest
 
-from proxy.handover import BUSYBOX_SH_SUFFIX, WAIT_SHELL_ENV, statically_linked, wait_shell
+from proxy.handover import (
+    BUSYBOX_SH_SUFFIX,
+    WAIT_SHELL_ENV,
+    WAITER_DIR,
+    statically_linked,
+    wait_shell,
+    waiter_binary,
+    waiter_program,
+)
 from tests.helpers import (
     REPO,
     EchoBackend,
@@ -44,15 +53,16 @@ def released(port: int, within: float = 5.0) -> bool:
 
 
 @pytest.mark.parametrize("signum", [signal.SIGKILL, signal.SIGHUP])
-def test_a_waiter_killed_without_saying_stop_frees_its_port(engine, signum):
+def test_a_waiter_killed_without_saying_stop_frees_its_port(engine, signum, waiter_env):
     """fd 4 is free, so the engine connection lands there: it must never be sent to the
-    engine as the listen socket, or the engine holds its own connection open for good."""
+    engine as the listen socket, or the engine holds its own connection open for good.
+    SIGHUP keeps its default action in the waiter (only the stop signals are handled)."""
     path, _ = engine
     backend = EchoBackend()
     try:
         for _ in range(10):
             port = free_port()
-            p = spawn_via(path, docker_args(port, backend.port))
+            p = spawn_via(path, docker_args(port, backend.port), env=waiter_env)
             assert exchange("127.0.0.1", port) == b"ping"
             p.proc.send_signal(signum)
             assert p.proc.wait(timeout=5) == -signum
@@ -61,14 +71,15 @@ def test_a_waiter_killed_without_saying_stop_frees_its_port(engine, signum):
         backend.close()
 
 
-def test_sigint_right_after_ready_frees_the_port_and_exits_0(engine):
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_stop_right_after_ready_frees_the_port_and_exits_0(engine, waiter_env, signum):
     path, _ = engine
     backend = EchoBackend()
     try:
-        for _ in range(20):
+        for _ in range(10):
             port = free_port()
-            p = spawn_via(path, docker_args(port, backend.port))  # returns on "0\n" + EOF
-            p.proc.send_signal(signal.SIGINT)
+            p = spawn_via(path, docker_args(port, backend.port), env=waiter_env)  # "0\n", EOF
+            p.proc.send_signal(signum)
             assert p.proc.wait(timeout=5) == 0
             assert refused(port)  # released before the process exited
             assert b"Traceback" not in output(p.proc)[1]
@@ -76,22 +87,29 @@ def test_sigint_right_after_ready_frees_the_port_and_exits_0(engine):
         backend.close()
 
 
-@pytest.mark.parametrize("shell", [None, "/bin/dash", "/bin/busybox"])
+@pytest.mark.parametrize("shell", ["", "/bin/dash", "/bin/busybox", "pyproxy-wait"])
 def test_waiter_names_its_mapping_and_holds_only_the_engine_connection(engine, shell):
-    """In each shell a waiter can be (None: the one found), and a stop frees the port."""
-    if shell is not None and not os.access(shell, os.X_OK):
+    """In each program a waiter can be ("": the default, pyproxy-wait where there is one for
+    this machine; "pyproxy-wait": the binary named by PYPROXY_WAIT_SHELL), and a stop frees
+    the port."""
+    if shell == "pyproxy-wait":
+        shell = waiter_binary() or ""
+        if not shell:
+            pytest.skip(f"no pyproxy-wait for {os.uname().machine}")
+    if shell and not os.access(shell, os.X_OK):
         pytest.skip(f"no {shell} here")
     path, _ = engine
     backend = EchoBackend()
     port = free_port()
     p = Proxy(docker_args(port, backend.port), env={"PYPROXY_ENGINE_SOCKET": path,
-                                                    **({WAIT_SHELL_ENV: shell} if shell else {})})
+                                                    WAIT_SHELL_ENV: shell})
     try:
-        assert os.path.realpath(f"/proc/{p.proc.pid}/exe") == os.path.realpath(shell or wait_shell())
+        program = os.path.realpath(shell or waiter_program() or "")
+        assert os.path.realpath(f"/proc/{p.proc.pid}/exe") == program
         with open(f"/proc/{p.proc.pid}/cmdline") as f:
             cmdline = f.read().split("\0")
         title = f"pyproxy-wait {backend.port}/tcp -> 127.0.0.1:{port}"  # `ps`
-        busybox = os.path.basename(os.path.realpath(shell or wait_shell())) == "busybox"
+        busybox = os.path.basename(program) == "busybox"
         assert cmdline[0] == title + (BUSYBOX_SH_SUFFIX if busybox else "")
         fds = {fd: os.readlink(f"/proc/{p.proc.pid}/fd/{fd}")
                for fd in os.listdir(f"/proc/{p.proc.pid}/fd")}
@@ -104,6 +122,32 @@ def test_waiter_names_its_mapping_and_holds_only_the_engine_connection(engine, s
     finally:
         p.stop(signal.SIGINT)
         backend.close()
+
+
+def test_pyproxy_wait_is_the_waiter_where_one_is_shipped_and_a_shell_stands_in(monkeypatch,
+                                                                                 tmp_path):
+    """pyproxy-wait for this machine when it is there and executable, unless PYPROXY_WAIT_SHELL
+    names a program; a shell otherwise (another machine, or the binary lost its mode)."""
+    monkeypatch.delenv(WAIT_SHELL_ENV, raising=False)
+    shipped = os.path.join(WAITER_DIR, os.uname().machine, "pyproxy-wait")
+    if os.uname().machine == "x86_64":
+        assert waiter_binary() == shipped and os.access(shipped, os.X_OK)
+    if waiter_binary() is None:
+        pytest.skip(f"no pyproxy-wait for {os.uname().machine}")
+    assert waiter_program() == shipped
+    monkeypatch.setenv(WAIT_SHELL_ENV, "/bin/sh")
+    assert waiter_program() == "/bin/sh"
+    monkeypatch.setenv(WAIT_SHELL_ENV, "")  # empty: as if unset
+    assert waiter_program() == shipped
+    # The package moved somewhere the binary is not executable (or not there): a shell.
+    machine = tmp_path / os.uname().machine
+    machine.mkdir()
+    (machine / "pyproxy-wait").write_bytes(b"")
+    (machine / "pyproxy-wait").chmod(0o644)
+    monkeypatch.setattr("proxy.handover.WAITER_DIR", str(tmp_path))
+    assert waiter_binary() is None and waiter_program() == wait_shell()
+    monkeypatch.setattr("proxy.handover.WAITER_DIR", str(tmp_path / "gone"))
+    assert waiter_binary() is None and waiter_program() == wait_shell()
 
 
 def test_a_static_busybox_is_the_first_wait_shell(monkeypatch):
@@ -293,6 +337,41 @@ def test_a_signal_at_any_moment_of_standalone_start_up(signum, proxy_loop_env):
                     proc.wait()
     finally:
         backend.close()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_stop_at_any_moment_of_a_handover_into_pyproxy_wait(engine, signum):
+    """From pyproxy's first line through the registration, the exec and pyproxy-wait's start:
+    exit 0, never death by the signal (the binary is exec'd with the stop signals blocked, so
+    a shell's instant between its exec and its trap does not exist), the port free once the
+    process is gone, "0\n" or nothing on fd 3."""
+    if waiter_binary() is None:
+        pytest.skip(f"no pyproxy-wait for {os.uname().machine}")
+    path, _ = engine
+    rng = random.Random()
+    for _ in range(15):
+        read_end, write_end = os.pipe()
+        port = free_port()
+        proc = spawn(docker_args(port, 9), {3: write_end},
+                     env={"PYPROXY_ENGINE_SOCKET": path, WAIT_SHELL_ENV: ""})
+        os.close(write_end)
+        try:
+            deadline = time.monotonic() + 10
+            while not _catches_sigterm(proc.pid):
+                assert proc.poll() is None and time.monotonic() < deadline
+                time.sleep(0.001)
+            time.sleep(rng.uniform(0, 0.06))  # through the handover, at times past "0\n"
+            proc.send_signal(signum)
+            status = read_status(read_end)
+            assert proc.wait(timeout=5) == 0
+            assert status in (b"", b"0\n")
+            assert refused(port)
+            assert b"Traceback" not in output(proc)[1]
+        finally:
+            os.close(read_end)
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])

@@ -54,7 +54,7 @@ def kill9(engine: Proxy) -> None:
 
 @pytest.mark.parametrize("use_listen_fd", [False, True], ids=["fd4-free", "fd4-socket"])
 def test_engine_killed_and_restarted_every_port_serves_again(tmp_path, proxy_loop_env,
-                                                             use_listen_fd):
+                                                             use_listen_fd, waiter_env):
     path = str(tmp_path / "engine.sock")
     engine = start_engine(path, proxy_loop_env)
     backend, udp_backend = EchoBackend(), UdpEcho()
@@ -71,13 +71,14 @@ def test_engine_killed_and_restarted_every_port_serves_again(tmp_path, proxy_loo
                 lsock.bind(("127.0.0.1", port))
                 if proto == "tcp":
                     lsock.listen()
-                waiters[proto, port] = spawn_via(path, [*args, "-use-listen-fd"],
+                waiters[proto, port] = spawn_via(path, [*args, "-use-listen-fd"], env=waiter_env,
                                                  pass_fds={4: lsock.fileno()})
                 lsock.close()
             else:
-                waiters[proto, port] = spawn_via(path, args)
+                waiters[proto, port] = spawn_via(path, args, env=waiter_env)
         assert all(serves_tcp(p) for p in tcp_ports) and all(serves_udp(p) for p in udp_ports)
         pids = {key: w.proc.pid for key, w in waiters.items()}
+        programs = {pid: os.readlink(f"/proc/{pid}/exe") for pid in pids.values()}
         for pid in pids.values():  # the connection, stderr and the one held socket: no more
             fds = {int(fd): os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")}
             [held] = set(fds) - {0, 1, 2}
@@ -102,6 +103,8 @@ def test_engine_killed_and_restarted_every_port_serves_again(tmp_path, proxy_loo
         for key, w in waiters.items():
             assert w.proc.poll() is None and w.proc.pid == pids[key]
         until(lambda: all(waiting(pid) for pid in pids.values()), within=5)
+        # in the same waiter program as before (the choice of it came through the exec's env)
+        assert {pid: os.readlink(f"/proc/{pid}/exe") for pid in pids.values()} == programs
 
         # SIGINT to each frees exactly its port, promptly, exit 0
         for (proto, port), w in list(waiters.items()):
@@ -122,13 +125,14 @@ def test_engine_killed_and_restarted_every_port_serves_again(tmp_path, proxy_loo
         udp_backend.close()
 
 
-def test_sigint_while_no_engine_is_up_exits_0_and_frees_the_port(tmp_path, proxy_loop_env):
+def test_sigint_while_no_engine_is_up_exits_0_and_frees_the_port(tmp_path, proxy_loop_env,
+                                                                 waiter_env):
     path = str(tmp_path / "engine.sock")
     engine = start_engine(path, proxy_loop_env)
     backend = EchoBackend()
     port = free_port()
     try:
-        waiter = spawn_via(path, docker_args(port, backend.port))
+        waiter = spawn_via(path, docker_args(port, backend.port), env=waiter_env)
         assert serves_tcp(port)
         kill9(engine)
         until(lambda: reattaching(waiter.proc.pid), within=10)

@@ -116,8 +116,9 @@ async def _read_to_eof(fd: int) -> bytes:
         data += chunk
 
 
-async def receive_request(conn: socket.socket, fds: list[int]) -> bytes:
-    """One framed request; the fds that came with its first message are appended to `fds`
+async def receive_request(conn: socket.socket, fds: list[int]) -> tuple[bytes, bytes]:
+    """One framed request, and the bytes read after it (a waiter stopped as it registered
+    sends "stop" at once); the fds that came with its first message are appended to `fds`
     (the caller closes them), any that come later are closed at once. Raises WireError if it
     is not a request."""
     data = b""
@@ -138,7 +139,7 @@ async def receive_request(conn: socket.socket, fds: list[int]) -> bytes:
         if not chunk:
             raise WireError("the connection ended before a whole request came")
         data += chunk  # bounded: unframe raises once a frame cannot fit MAX_PAYLOAD
-    return payload
+    return payload, data[data.index(b"\n") + 1 + len(payload):]
 
 
 def _config_for(request: bytes) -> tuple[Config, bool, list[str]]:
@@ -597,7 +598,8 @@ class Engine:
                 await self._reply(conn, 1, "engine: permission denied")
                 return
             try:
-                request = await asyncio.wait_for(receive_request(conn, fds), REQUEST_TIMEOUT)
+                request, early = await asyncio.wait_for(receive_request(conn, fds),
+                                                        REQUEST_TIMEOUT)
                 if request == LIST_REQUEST:
                     if self.pool is not None:
                         await asyncio.wait_for(self.pool.refresh(), REQUEST_TIMEOUT)
@@ -672,7 +674,7 @@ class Engine:
                 await self._reply(conn, 0, "\n".join(lines),
                                   [sock.fileno() for sock in publication.sockets])
             self._answered(asyncio.current_task())
-            stop = await self._held_until_stop(conn)
+            stop = b"stop" in early or await self._held_until_stop(conn)
             await self._release(publication)
             publication = None
             if stop:

@@ -177,7 +177,7 @@ def waiter_pids(port: int) -> set[int]:
                 argv0 = f.read().split(b"\0")[0].decode(errors="replace")
         except OSError:
             continue
-        argv0 = argv0.removesuffix(BUSYBOX_SH_SUFFIX)  # a waiter in busybox (proxy.handover)
+        argv0 = argv0.removesuffix(BUSYBOX_SH_SUFFIX)  # a busybox waiter (pyproxy-wait: none)
         if argv0.startswith("pyproxy-wait ") and argv0.endswith(f":{port}"):
             found.add(int(pid))
     return found

@@ -68,6 +68,11 @@ def test_image_builds_offline_and_relays_with_host_network(lab: DockerLab) -> No
                            "import importlib.util as u; print([m for m in ('pip', 'setuptools') "
                            "if u.find_spec(m)])").stdout
         assert found.strip() == b"[]", (python, found)
+    # the engine's waiter binary came through pip with its mode, executable by the image's user
+    if os.uname().machine == "x86_64":
+        waiter = lab.docker("run", "--rm", "--entrypoint", "/opt/pyproxy/bin/python", "pyproxy:test",
+                            "-c", "from proxy.handover import waiter_binary; print(waiter_binary())")
+        assert waiter.stdout.strip().endswith(b"/proxy/waiter/x86_64/pyproxy-wait"), waiter.stdout
 
     backend = EchoBackend()
     port = free_port()
