@@ -153,15 +153,15 @@ class AccessLog:
         r.error = ""
         r.from_client = r.from_backend = 0
         r.open_sides = 1
-        r.closed = 0
-        return r
+        return r  # `closed` is set by write(), before anything reads it
 
     def write(self, record: Record) -> None:
         # Only the close's time here: the line is formatted when its batch is flushed.
         record.closed = monotonic_ns()
         pending = self.pending
+        first = not pending  # the batch's first line starts its timer (no len() call)
         pending.append(record)
-        if len(pending) == 1:
+        if first:
             try:
                 asyncio.get_running_loop().call_later(FLUSH_AFTER, self.flush)
             except RuntimeError:  # no loop (a unit test): write at once
