@@ -1,6 +1,7 @@
 """Build: pure Python by default; with PYPROXY_COMPILE=1, the TCP relay's per-connection and
-per-read modules compiled to C extensions with mypyc (benchmarks/README.md, "Compiled
-relays (mypyc), issue 17": −20 % instructions per new connection).
+per-read modules, and the access log's, compiled to C extensions with mypyc
+(benchmarks/README.md, "Compiled relays (mypyc), issue 17": −20 % instructions per new
+connection).
 
 Opt-in, not automatic, so that `pip install .` gives the same package on every machine, with
 or without a C compiler, and a failed compile can never leave a half-compiled install:
@@ -28,8 +29,12 @@ from setuptools import setup
 # moved out of the compiled module: mypyc builds it, then crashes in the GC), splice (bulk
 # transfers run in the kernel; compiled, uvloop's remove_reader() returning None where the
 # stubs say bool fails at run time), sctp (tested only in the heavy suite's VM), and the
-# ground and mode modules (start-up code, and attrs classes, which mypyc leaves interpreted).
+# other ground and mode modules (start-up code, and attrs classes, which mypyc leaves
+# interpreted). accesslog is compiled: with the log on, most of what a connection costs
+# more is its line's formatting (integer arithmetic, f-strings), 8,800 instructions less
+# compiled (benchmarks/README.md, "Access log, issue 16", third round).
 COMPILED = [
+    "proxy/ground/accesslog.py",
     "proxy/relays/idle.py",
     "proxy/relays/tcp.py",
 ]

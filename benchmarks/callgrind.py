@@ -155,6 +155,10 @@ def main() -> int:
             stop(backend)
     print(f"{instructions / args.connections:,.0f} instructions per {UNITS[args.mode]} "
           f"({args.connections} of them, {args.loop}, {' '.join(args.extra) or 'no flags'})")
+    # Kept for per-function counts: `callgrind_annotate --inclusive=yes DIR/callgrind.out.*.1`
+    # (its find_name_in_mro line: CPython's method-cache misses, which move with the build's
+    # memory layout; benchmarks/README.md, "Access log", third round).
+    print(f"dump: {out_dir}", file=sys.stderr)
     return 0
 
 

@@ -392,6 +392,41 @@ def test_text_line_rounds_duration_to_the_millisecond(tmp_path: Path, lasted: fl
                     f"12 3456 {shown} client-fin")
 
 
+@pytest.mark.parametrize("fmt", ["text", "json"])
+def test_each_line_of_a_batch_has_its_own_second(tmp_path: Path, fmt: str) -> None:
+    """format() finds a line's second from the bounds of the one before it (no division per
+    line): lines that cross into the next second, skip seconds or go back still get their
+    own time, cut to the millisecond, and their own duration (to the millisecond in text,
+    the microsecond in JSON), under a second or not."""
+    log = AccessLog(str(tmp_path / "a.log"), fmt)
+    epoch_at = 1_700_000_000 * 10**9  # 2023-11-14T22:13:20Z, as monotonic_ns() 10**12
+    closes = [998_000_000, 999_999_999, 1_000_000_000, 1_500_000_000, 3_000_999_999,
+              2_000_000_000, 2_000_000_001]  # ns after epoch_at
+    lasted = [400_000, 999_600_000, 1_234_567_890, 0, 61_000_600_000, 999_999_500, 1_999]
+    records = []
+    for close, took in zip(closes, lasted, strict=True):
+        r = _closed_record(log, 0)
+        r.closed = 10**12 + close
+        r.started = r.closed - took
+        records.append(r)
+    try:
+        lines = log.format(records, epoch_at - 10**12)
+    finally:
+        log.handler.close()
+    for line, close, took in zip(lines, closes, lasted, strict=True):
+        wall = epoch_at + close
+        stamp = (time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(wall // 10**9))
+                 + f".{wall // 10**6 % 1000:03d}Z")
+        if fmt == "text":
+            millis = (took + 500_000) // 10**6
+            assert line == (f"{stamp} tcp 127.0.0.1:40000 127.0.0.1:8080 172.17.0.2:80 12 3456 "
+                            f"{millis // 1000}.{millis % 1000:03d}s client-fin")
+        else:
+            micros = (took + 500) // 1000
+            assert json.loads(line)["time"] == stamp
+            assert f'"duration": {micros // 10**6}.{micros % 10**6:06d},' in line
+
+
 def test_json_line_is_json_dumps_own(tmp_path: Path) -> None:
     """The JSON line is written by hand; it must be what json.dumps makes of its fields (the
     duration always has six decimals, which json.dumps writes only when they are needed)."""
