@@ -40,6 +40,16 @@ RECEIVE_BUFFER = 4 * 1024 * 1024
 
 Ancillary = list[tuple[int, int, bytes]]
 
+# Datagrams are read into these and sent on as slices of them: no 64 KiB bytes object per
+# datagram. The kernel copies a datagram when it is sent, so one buffer per direction serves
+# every relay of the process; two, because evicting a flow to make room for a client's
+# datagram drains the flow's replies while that datagram still waits in _FROM_CLIENTS.
+_FROM_CLIENTS = bytearray(MAX_DATAGRAM)
+_FROM_CLIENTS_VIEW = memoryview(_FROM_CLIENTS)
+_FROM_CLIENTS_INTO = [_FROM_CLIENTS]  # recvmsg_into's list of buffers
+_FROM_CONTAINER = bytearray(MAX_DATAGRAM)
+_FROM_CONTAINER_VIEW = memoryview(_FROM_CONTAINER)
+
 # What socket() or connect() fail with when fds, memory or ephemeral ports run out: giving up
 # an idle flow frees one of each, so one retry is worth it.
 SHORTAGE = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM, errno.EAGAIN,
@@ -161,12 +171,13 @@ class UdpRelay(RelayBase):
     def _from_clients(self) -> None:
         sock, flows, stats = self._sock, self.flows, self.stats
         assert sock is not None and self._loop is not None
-        recvmsg = sock.recvmsg
+        recvmsg_into = sock.recvmsg_into
+        into, view = _FROM_CLIENTS_INTO, _FROM_CLIENTS_VIEW
         now = self._loop.time()
         counting = self.access is not None  # sizes are added up only for the access log
         for _ in range(BURST):
             try:
-                data, ancillary, _flags, client = recvmsg(MAX_DATAGRAM, ANCILLARY_SPACE)
+                size, ancillary, _flags, client = recvmsg_into(into, ANCILLARY_SPACE)
             except (BlockingIOError, InterruptedError):
                 return
             except OSError:
@@ -185,12 +196,12 @@ class UdpRelay(RelayBase):
                     flow.pktinfo_seen = info
                     flow.reply_ancillary = _reply_pktinfo(level, kind, info)
             stats.datagrams_from_client += 1
-            stats.bytes_from_client += len(data)
+            stats.bytes_from_client += size
             if counting:
-                flow.record.from_client += len(data)  # type: ignore[union-attr]
-            self._to_container(flow, data)
+                flow.record.from_client += size  # type: ignore[union-attr]
+            self._to_container(flow, view[:size])
 
-    def _to_container(self, flow: Flow, data: bytes) -> None:
+    def _to_container(self, flow: Flow, data: memoryview) -> None:
         for attempt in (1, 2):
             try:
                 if flow.header is None:
@@ -296,13 +307,13 @@ class UdpRelay(RelayBase):
     def _from_container(self, flow: Flow) -> None:
         sock, stats, loop = self._sock, self.stats, self._loop
         assert sock is not None and loop is not None
-        recv = flow.sock.recv
+        recv_into, view = flow.sock.recv_into, _FROM_CONTAINER_VIEW
         client = flow.client
         record = flow.record
         socket_error = False
         for _ in range(BURST):
             try:
-                data = recv(MAX_DATAGRAM)
+                size = recv_into(_FROM_CONTAINER)
             except (BlockingIOError, InterruptedError):
                 break
             except OSError:
@@ -311,9 +322,10 @@ class UdpRelay(RelayBase):
                 socket_error = True
                 continue
             stats.datagrams_from_container += 1
-            stats.bytes_from_container += len(data)
+            stats.bytes_from_container += size
             if record is not None:
-                record.from_backend += len(data)
+                record.from_backend += size
+            data = view[:size]
             try:
                 if flow.reply_ancillary is not None:
                     sock.sendmsg([data], flow.reply_ancillary, 0, client)
