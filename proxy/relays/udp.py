@@ -39,6 +39,8 @@ BURST = 256  # datagrams per wake-up before letting other sockets have a turn
 RECEIVE_BUFFER = 4 * 1024 * 1024
 
 Ancillary = list[tuple[int, int, bytes]]
+NO_ANCILLARY: Ancillary = []  # never added to
+WILDCARDS = ("0.0.0.0", "::")
 
 # Datagrams are read into these and sent on as slices of them: no 64 KiB bytes object per
 # datagram. The kernel copies a datagram when it is sent, so one buffer per direction serves
@@ -132,11 +134,16 @@ class UdpRelay(RelayBase):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._sock: socket.socket | None = None
         self._sweeper: asyncio.TimerHandle | None = None
+        self._pktinfo = False  # ask for the destination address of every datagram
 
     async def start(self, sock: socket.socket, *, adopted: bool = False) -> None:
         self._loop = asyncio.get_running_loop()
         self._sock = sock
-        if not adopted:  # a socket passed on fd 4 keeps dockerd's PKTINFO choice
+        # Only a wildcard socket needs to learn which address a client sent to: one bound to
+        # an address replies from it anyway, so reading the ancillary data (a list and a
+        # tuple per datagram) would buy nothing.
+        self._pktinfo = sock.getsockname()[0] in WILDCARDS
+        if self._pktinfo and not adopted:  # a socket passed on fd 4 keeps dockerd's choice
             enable_pktinfo(sock)
         deepen_receive_queue(sock)
         self.budget.join(self)
@@ -171,13 +178,17 @@ class UdpRelay(RelayBase):
     def _from_clients(self) -> None:
         sock, flows, stats = self._sock, self.flows, self.stats
         assert sock is not None and self._loop is not None
-        recvmsg_into = sock.recvmsg_into
+        recvmsg_into, recvfrom_into = sock.recvmsg_into, sock.recvfrom_into
         into, view = _FROM_CLIENTS_INTO, _FROM_CLIENTS_VIEW
+        pktinfo, ancillary = self._pktinfo, NO_ANCILLARY
         now = self._loop.time()
         counting = self.access is not None  # sizes are added up only for the access log
         for _ in range(BURST):
             try:
-                size, ancillary, _flags, client = recvmsg_into(into, ANCILLARY_SPACE)
+                if pktinfo:
+                    size, ancillary, _flags, client = recvmsg_into(into, ANCILLARY_SPACE)
+                else:
+                    size, client = recvfrom_into(_FROM_CLIENTS)
             except (BlockingIOError, InterruptedError):
                 return
             except OSError:
