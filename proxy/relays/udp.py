@@ -181,8 +181,12 @@ class UdpRelay(RelayBase):
         recvmsg_into, recvfrom_into = sock.recvmsg_into, sock.recvfrom_into
         into, view = _FROM_CLIENTS_INTO, _FROM_CLIENTS_VIEW
         pktinfo, ancillary = self._pktinfo, NO_ANCILLARY
+        get, move_to_end = flows.get, flows.move_to_end
+        # One clock reading per burst: a flow already stamped with it is already last in the
+        # table, so a burst moves each flow once, not once per datagram.
         now = self._loop.time()
         counting = self.access is not None  # sizes are added up only for the access log
+        datagrams = octets = 0  # added to the stats once per burst
         for _ in range(BURST):
             try:
                 if pktinfo:
@@ -190,44 +194,51 @@ class UdpRelay(RelayBase):
                 else:
                     size, client = recvfrom_into(_FROM_CLIENTS)
             except (BlockingIOError, InterruptedError):
-                return
+                break
             except OSError:
                 continue  # a queued ICMP error for an earlier reply; the socket is fine
-            flow = flows.get(client)
+            flow = get(client)
             if flow is None:
                 flow = self._new_flow(client, now, ancillary)
                 if flow is None:
                     continue
-            else:
-                flows.move_to_end(client)
+            elif flow.last != now:
+                move_to_end(client)
                 flow.last = now
             if ancillary:
                 level, kind, info = ancillary[0]
                 if info != flow.pktinfo_seen:  # the client may send to another local address
                     flow.pktinfo_seen = info
                     flow.reply_ancillary = _reply_pktinfo(level, kind, info)
-            stats.datagrams_from_client += 1
-            stats.bytes_from_client += size
+            datagrams += 1
+            octets += size
             if counting:
                 flow.record.from_client += size  # type: ignore[union-attr]
-            self._to_container(flow, view[:size])
+            data = view[:size]
+            try:
+                if flow.header is None:
+                    flow.sock.send(data)
+                else:
+                    flow.sock.sendmsg([flow.header, data])
+            except OSError as exc:
+                self._send_failed(flow, data, exc)
+        stats.datagrams_from_client += datagrams
+        stats.bytes_from_client += octets
 
-    def _to_container(self, flow: Flow, data: memoryview) -> None:
-        for attempt in (1, 2):
+    def _send_failed(self, flow: Flow, data: memoryview, exc: OSError) -> None:
+        """A datagram the container's flow socket refused: retry a stale refusal, else drop."""
+        if isinstance(exc, ConnectionRefusedError):
+            # A stale ICMP port unreachable from an earlier datagram (the container was not
+            # listening yet) fails this send; the error is consumed, so one retry delivers.
             try:
                 if flow.header is None:
                     flow.sock.send(data)
                 else:
                     flow.sock.sendmsg([flow.header, data])
                 return
-            except ConnectionRefusedError:
-                # A stale ICMP port unreachable from an earlier datagram (the container was not
-                # listening yet) fails this send; the error is consumed, so one retry delivers.
-                if attempt == 2:
-                    self.stats.datagrams_dropped += 1
             except OSError:
-                self.stats.datagrams_dropped += 1
-                return
+                pass
+        self.stats.datagrams_dropped += 1
 
     def _new_flow(self, client: Any, now: float, ancillary: Ancillary) -> Flow | None:
         stats = self.stats
@@ -322,6 +333,7 @@ class UdpRelay(RelayBase):
         client = flow.client
         record = flow.record
         socket_error = False
+        datagrams = octets = 0  # added to the stats once per burst
         for _ in range(BURST):
             try:
                 size = recv_into(_FROM_CONTAINER)
@@ -332,10 +344,8 @@ class UdpRelay(RelayBase):
                 # flow stays; the client's next datagram may well find it up.
                 socket_error = True
                 continue
-            stats.datagrams_from_container += 1
-            stats.bytes_from_container += size
-            if record is not None:
-                record.from_backend += size
+            datagrams += 1
+            octets += size
             data = view[:size]
             try:
                 if flow.reply_ancillary is not None:
@@ -344,6 +354,10 @@ class UdpRelay(RelayBase):
                     sock.sendto(data, client)
             except OSError:
                 stats.datagrams_dropped += 1
+        stats.datagrams_from_container += datagrams
+        stats.bytes_from_container += octets
+        if record is not None:
+            record.from_backend += octets
         if self.flows.get(client) is flow:
             if socket_error:
                 # libuv (uvloop) stops watching a socket once it reports EPOLLERR, silently;
