@@ -167,12 +167,14 @@ def test_flow_table_bookkeeping() -> None:
             self.last = last
 
     table = FlowTable(max_flows=2)
-    table["a"], table["b"] = F(1.0), F(2.0)  # type: ignore[assignment]
-    table.move_to_end("a")
-    table["a"].last = 3.0
+    flows = table.by_client
+    flows["a"], flows["b"] = F(1.0), F(2.0)  # type: ignore[assignment]
+    flows.move_to_end("a")
+    flows["a"].last = 3.0
     evicted = table.make_room()
-    assert evicted is not None and evicted.last == 2.0 and list(table) == ["a"]
-    table["c"] = F(4.0)  # type: ignore[assignment]
+    assert evicted is not None and evicted.last == 2.0 and list(flows) == ["a"]
+    assert "a" in table and "b" not in table and len(table) == 1
+    flows["c"] = F(4.0)  # type: ignore[assignment]
     assert table.make_room().last == 3.0  # type: ignore[union-attr]
     assert [f.last for f in table.expire(now=10.0, timeout=5.0)] == [4.0]
-    assert not table
+    assert not table and table.pop_idlest() is None

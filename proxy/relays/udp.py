@@ -71,28 +71,39 @@ class Flow:
     record: accesslog.Record | None = None  # the access log's line, if it is on
 
 
-class FlowTable(OrderedDict[Any, Flow]):
-    """Flows ordered from least to most recently active (move_to_end on every datagram),
-    so the idlest flow is always first: eviction and expiry never scan the whole table."""
+class FlowTable:
+    """Flows by client address, ordered from least to most recently active (a flow moves to
+    the end when it relays a burst), so the idlest flow is always first: eviction and expiry
+    never scan the whole table. An OrderedDict held, not subclassed: mypyc can compile this
+    class, where a compiled OrderedDict subclass crashes in the GC."""
 
     def __init__(self, max_flows: int) -> None:
-        super().__init__()
+        self.by_client: OrderedDict[Any, Flow] = OrderedDict()
         self.max_flows = max_flows
+
+    def __len__(self) -> int:
+        return len(self.by_client)
+
+    def __contains__(self, client: object) -> bool:
+        return client in self.by_client
 
     def make_room(self) -> Flow | None:
         """The flow to evict so that one more fits, if the table is full."""
-        if self.max_flows and len(self) >= self.max_flows:
-            return self.popitem(last=False)[1]
+        if self.max_flows and len(self.by_client) >= self.max_flows:
+            return self.by_client.popitem(last=False)[1]
         return None
+
+    def pop_idlest(self) -> Flow | None:
+        return self.by_client.popitem(last=False)[1] if self.by_client else None
 
     def expire(self, now: float, timeout: float) -> list[Flow]:
         """Remove and return every flow idle for `timeout` or longer."""
-        gone = []
-        while self:
-            flow = next(iter(self.values()))
+        by_client, gone = self.by_client, []
+        while by_client:
+            flow = next(iter(by_client.values()))
             if now - flow.last < timeout:
                 break
-            gone.append(self.popitem(last=False)[1])
+            gone.append(by_client.popitem(last=False)[1])
         return gone
 
 
@@ -167,9 +178,9 @@ class UdpRelay(RelayBase):
         if self._sweeper is not None:
             self._sweeper.cancel()
         self.budget.leave(self)
-        for flow in self.flows.values():
+        for flow in self.flows.by_client.values():
             self._close_flow(flow, accesslog.SHUTDOWN)
-        self.flows.clear()
+        self.flows.by_client.clear()
         self._sock.close()
         self._sock = None
 
@@ -181,7 +192,7 @@ class UdpRelay(RelayBase):
         recvmsg_into, recvfrom_into = sock.recvmsg_into, sock.recvfrom_into
         into, view = _FROM_CLIENTS_INTO, _FROM_CLIENTS_VIEW
         pktinfo, ancillary = self._pktinfo, NO_ANCILLARY
-        get, move_to_end = flows.get, flows.move_to_end
+        get, move_to_end = flows.by_client.get, flows.by_client.move_to_end
         # One clock reading per burst: a flow already stamped with it is already last in the
         # table, so a burst moves each flow once, not once per datagram.
         now = self._loop.time()
@@ -285,7 +296,7 @@ class UdpRelay(RelayBase):
             route = self.access.route(self.mapping.proto, self._destination(ancillary),
                                       self.mapping.backend())
             flow.record = self.access.open(route, client)
-        self.flows[client] = flow
+        self.flows.by_client[client] = flow
         assert self._loop is not None
         self._loop.add_reader(sock.fileno(), self._from_container, flow)
         self.budget.used += 1
@@ -358,13 +369,13 @@ class UdpRelay(RelayBase):
         stats.bytes_from_container += octets
         if record is not None:
             record.from_backend += octets
-        if self.flows.get(client) is flow:
+        if self.flows.by_client.get(client) is flow:
             if socket_error:
                 # libuv (uvloop) stops watching a socket once it reports EPOLLERR, silently;
                 # watch it again so the flow hears the container once it is up.
                 loop.remove_reader(flow.sock.fileno())
                 loop.add_reader(flow.sock.fileno(), self._from_container, flow)
-            self.flows.move_to_end(client)
+            self.flows.by_client.move_to_end(client)
             flow.last = loop.time()
 
     # -- idle flows -----------------------------------------------------------------------------
@@ -389,9 +400,10 @@ class UdpRelay(RelayBase):
 
     def evict_idlest(self) -> bool:
         """Give up this mapping's idlest flow, for a new one here or in another mapping."""
-        if not self.flows:
+        flow = self.flows.pop_idlest()
+        if flow is None:
             return False
-        self._evict(self.flows.popitem(last=False)[1])
+        self._evict(flow)
         return True
 
     def _evict(self, flow: Flow) -> None:
