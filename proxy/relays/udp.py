@@ -16,6 +16,7 @@ import asyncio
 import errno
 import logging
 import socket
+import sys
 from collections import OrderedDict
 from typing import Any
 
@@ -38,6 +39,17 @@ BURST = 256  # datagrams per wake-up before letting other sockets have a turn
 # burst from many clients would be dropped by the kernel before we could read it.
 RECEIVE_BUFFER = 4 * 1024 * 1024
 
+# UDP segmentation offload (Linux >= 4.18): one sendmsg() carries a run of equal-sized
+# datagrams, which the kernel splits as late as it can (on loopback, at the receiving
+# socket). A datagram costs the proxy a system call and a trip down the stack otherwise.
+SOL_UDP = getattr(socket, "SOL_UDP", 17)
+UDP_SEGMENT = getattr(socket, "UDP_SEGMENT", 103)  # <linux/udp.h>; in the socket module from 3.12
+MAX_SEGMENTS = 64  # UDP_MAX_SEGMENTS of older kernels (128 from 6.x)
+MAX_SEGMENT = 1000  # larger datagrams go one by one: a segment must fit the path's MTU
+MAX_RUN = MAX_SEGMENTS * MAX_SEGMENT  # under 65507, the most one UDP send may carry
+NO_SEGMENTING = frozenset({errno.EINVAL, errno.ENOPROTOOPT, errno.EOPNOTSUPP, errno.EIO})
+_NATIVE = sys.byteorder  # UDP_SEGMENT's value is a u16 in the host's order
+
 Ancillary = list[tuple[int, int, bytes]]
 NO_ANCILLARY: Ancillary = []  # never added to
 WILDCARDS = ("0.0.0.0", "::")
@@ -46,9 +58,8 @@ WILDCARDS = ("0.0.0.0", "::")
 # datagram. The kernel copies a datagram when it is sent, so one buffer per direction serves
 # every relay of the process; two, because evicting a flow to make room for a client's
 # datagram drains the flow's replies while that datagram still waits in _FROM_CLIENTS.
-_FROM_CLIENTS = bytearray(MAX_DATAGRAM)
+_FROM_CLIENTS = bytearray(MAX_RUN + MAX_DATAGRAM)  # a run of datagrams, then the next one
 _FROM_CLIENTS_VIEW = memoryview(_FROM_CLIENTS)
-_FROM_CLIENTS_INTO = [_FROM_CLIENTS]  # recvmsg_into's list of buffers
 _FROM_CONTAINER = bytearray(MAX_DATAGRAM)
 _FROM_CONTAINER_VIEW = memoryview(_FROM_CONTAINER)
 
@@ -146,6 +157,7 @@ class UdpRelay(RelayBase):
         self._sock: socket.socket | None = None
         self._sweeper: asyncio.TimerHandle | None = None
         self._pktinfo = False  # ask for the destination address of every datagram
+        self._segmenting = True  # send runs of datagrams with UDP_SEGMENT, until that fails
 
     async def start(self, sock: socket.socket, *, adopted: bool = False) -> None:
         self._loop = asyncio.get_running_loop()
@@ -190,7 +202,7 @@ class UdpRelay(RelayBase):
         sock, flows, stats = self._sock, self.flows, self.stats
         assert sock is not None and self._loop is not None
         recvmsg_into, recvfrom_into = sock.recvmsg_into, sock.recvfrom_into
-        into, view = _FROM_CLIENTS_INTO, _FROM_CLIENTS_VIEW
+        into, view = _FROM_CLIENTS, _FROM_CLIENTS_VIEW
         pktinfo, ancillary = self._pktinfo, NO_ANCILLARY
         get, move_to_end = flows.by_client.get, flows.by_client.move_to_end
         # One clock reading per burst: a flow already stamped with it is already last in the
@@ -198,20 +210,30 @@ class UdpRelay(RelayBase):
         now = self._loop.time()
         counting = self.access is not None  # sizes are added up only for the access log
         datagrams = octets = 0  # added to the stats once per burst
+        # A run: consecutive datagrams of one flow and one size, side by side at the start of
+        # the buffer, sent to the container in one system call (UDP_SEGMENT: the kernel cuts
+        # them apart again, and the container receives each datagram as it was sent).
+        run: Flow | None = None
+        end = segment = count = 0
+        segmenting = self._segmenting
         for _ in range(BURST):
-            try:
+            try:  # the datagram lands at `end`, after the run
                 if pktinfo:
-                    size, ancillary, _flags, client = recvmsg_into(into, ANCILLARY_SPACE)
+                    size, ancillary, _flags, client = recvmsg_into([view[end:]], ANCILLARY_SPACE)
                 else:
-                    size, client = recvfrom_into(_FROM_CLIENTS)
+                    size, client = recvfrom_into(view[end:] if end else into)
             except (BlockingIOError, InterruptedError):
                 break
             except OSError:
                 continue  # a queued ICMP error for an earlier reply; the socket is fine
             flow = get(client)
             if flow is None:
+                if run is not None:  # the new flow may evict the run's: send the run first
+                    self._to_container(run, view[:end], segment, count)
+                    run = None
                 flow = self._new_flow(client, now, ancillary)
                 if flow is None:
+                    end = 0
                     continue
             elif flow.last != now:
                 move_to_end(client)
@@ -225,31 +247,51 @@ class UdpRelay(RelayBase):
             octets += size
             if counting:
                 flow.record.from_client += size  # type: ignore[union-attr]
-            data = view[:size]
-            try:
-                if flow.header is None:
-                    flow.sock.send(data)
-                else:
-                    flow.sock.sendmsg([flow.header, data])
-            except OSError as exc:
-                self._send_failed(flow, data, exc)
+            if run is not None:
+                if flow is run and size == segment and count < MAX_SEGMENTS:
+                    end += size
+                    count += 1
+                    continue
+                self._to_container(run, view[:end], segment, count)
+                run = None
+            if segmenting and size <= MAX_SEGMENT and flow.header is None:
+                if end:
+                    into[:size] = view[end:end + size]
+                run, end, segment, count = flow, size, size, 1
+            else:
+                self._to_container(flow, view[end:end + size], size, 1)
+                end = 0
+        if run is not None:
+            self._to_container(run, view[:end], segment, count)
         stats.datagrams_from_client += datagrams
         stats.bytes_from_client += octets
 
-    def _send_failed(self, flow: Flow, data: memoryview, exc: OSError) -> None:
-        """A datagram the container's flow socket refused: retry a stale refusal, else drop."""
-        if isinstance(exc, ConnectionRefusedError):
-            # A stale ICMP port unreachable from an earlier datagram (the container was not
-            # listening yet) fails this send; the error is consumed, so one retry delivers.
+    def _to_container(self, flow: Flow, data: memoryview, segment: int, count: int) -> None:
+        """Send `count` datagrams of `segment` bytes each (one, of any size, if count is 1)."""
+        for attempt in (1, 2):
             try:
-                if flow.header is None:
+                if count > 1:
+                    flow.sock.sendmsg([data], [(SOL_UDP, UDP_SEGMENT, segment.to_bytes(2, _NATIVE))])
+                elif flow.header is None:
                     flow.sock.send(data)
                 else:
                     flow.sock.sendmsg([flow.header, data])
                 return
-            except OSError:
-                pass
-        self.stats.datagrams_dropped += 1
+            except ConnectionRefusedError:
+                # A stale ICMP port unreachable from an earlier datagram (the container was not
+                # listening yet) fails this send; the error is consumed, so one retry delivers.
+                if attempt == 2:
+                    self.stats.datagrams_dropped += count
+            except OSError as exc:
+                if count > 1 and exc.errno in NO_SEGMENTING:
+                    # A kernel without UDP_SEGMENT, or a path whose MTU is under the segment:
+                    # send them one by one, and from now on always.
+                    self._segmenting = False
+                    for at in range(0, len(data), segment):
+                        self._to_container(flow, data[at:at + segment], segment, 1)
+                    return
+                self.stats.datagrams_dropped += count
+                return
 
     def _new_flow(self, client: Any, now: float, ancillary: Ancillary) -> Flow | None:
         stats = self.stats
