@@ -266,32 +266,32 @@ class UdpRelay(RelayBase):
         stats.datagrams_from_client += datagrams
         stats.bytes_from_client += octets
 
-    def _to_container(self, flow: Flow, data: memoryview, segment: int, count: int) -> None:
+    def _to_container(self, flow: Flow, data: memoryview, segment: int, count: int,
+                      retry: bool = True) -> None:
         """Send `count` datagrams of `segment` bytes each (one, of any size, if count is 1)."""
-        for attempt in (1, 2):
-            try:
-                if count > 1:
-                    flow.sock.sendmsg([data], [(SOL_UDP, UDP_SEGMENT, segment.to_bytes(2, _NATIVE))])
-                elif flow.header is None:
-                    flow.sock.send(data)
-                else:
-                    flow.sock.sendmsg([flow.header, data])
-                return
-            except ConnectionRefusedError:
-                # A stale ICMP port unreachable from an earlier datagram (the container was not
-                # listening yet) fails this send; the error is consumed, so one retry delivers.
-                if attempt == 2:
-                    self.stats.datagrams_dropped += count
-            except OSError as exc:
-                if count > 1 and exc.errno in NO_SEGMENTING:
-                    # A kernel without UDP_SEGMENT, or a path whose MTU is under the segment:
-                    # send them one by one, and from now on always.
-                    self._segmenting = False
-                    for at in range(0, len(data), segment):
-                        self._to_container(flow, data[at:at + segment], segment, 1)
-                    return
+        try:
+            if count > 1:
+                flow.sock.sendmsg([data], [(SOL_UDP, UDP_SEGMENT, segment.to_bytes(2, _NATIVE))])
+            elif flow.header is None:
+                flow.sock.send(data)
+            else:
+                flow.sock.sendmsg([flow.header, data])
+        except ConnectionRefusedError:
+            # A stale ICMP port unreachable from an earlier datagram (the container was not
+            # listening yet) fails this send; the error is consumed, so one retry delivers.
+            if retry:
+                self._to_container(flow, data, segment, count, False)
+            else:
                 self.stats.datagrams_dropped += count
-                return
+        except OSError as exc:
+            if count > 1 and exc.errno in NO_SEGMENTING:
+                # A kernel without UDP_SEGMENT, or a path whose MTU is under the segment: send
+                # them one by one, and from now on always.
+                self._segmenting = False
+                for at in range(0, len(data), segment):
+                    self._to_container(flow, data[at:at + segment], segment, 1)
+            else:
+                self.stats.datagrams_dropped += count
 
     def _new_flow(self, client: Any, now: float, ancillary: Ancillary) -> Flow | None:
         stats = self.stats
