@@ -18,9 +18,8 @@ import logging
 import socket
 import sys
 from collections import OrderedDict
-from typing import Any
-
-from attrs import define
+from collections.abc import Callable
+from typing import Any, Final, Protocol
 
 from proxy.ground import accesslog, proxyproto, transparent
 from proxy.ground.budget import FlowBudget, process_budget
@@ -32,54 +31,62 @@ from proxy.relays.base import RelayBase
 
 log = logging.getLogger("pyproxy")
 
-MAX_DATAGRAM = 65536  # larger than any UDP payload (65507 on IPv4, 65527 on IPv6)
-ANCILLARY_SPACE = socket.CMSG_SPACE(20)  # one in6_pktinfo (20 bytes) or in_pktinfo (12)
-BURST = 256  # datagrams per wake-up before letting other sockets have a turn
+# Final: compiled (setup.py), these are read as C statics rather than looked up by name.
+MAX_DATAGRAM: Final = 65536  # larger than any UDP payload (65507 on IPv4, 65527 on IPv6)
+ANCILLARY_SPACE: Final = socket.CMSG_SPACE(20)  # one in6_pktinfo (20 bytes) or in_pktinfo (12)
+BURST: Final = 256  # datagrams per wake-up before letting other sockets have a turn
 # The frontend's receive queue. The default (~208 KiB) holds a few hundred small datagrams: a
 # burst from many clients would be dropped by the kernel before we could read it.
-RECEIVE_BUFFER = 4 * 1024 * 1024
+RECEIVE_BUFFER: Final = 4 * 1024 * 1024
 
 # UDP segmentation offload (Linux >= 4.18): one sendmsg() carries a run of equal-sized
 # datagrams, which the kernel splits as late as it can (on loopback, at the receiving
 # socket). A datagram costs the proxy a system call and a trip down the stack otherwise.
-SOL_UDP = getattr(socket, "SOL_UDP", 17)
-UDP_SEGMENT = getattr(socket, "UDP_SEGMENT", 103)  # <linux/udp.h>; in the socket module from 3.12
-MAX_SEGMENTS = 64  # UDP_MAX_SEGMENTS of older kernels (128 from 6.x)
-MAX_SEGMENT = 1000  # larger datagrams go one by one: a segment must fit the path's MTU
-MAX_RUN = MAX_SEGMENTS * MAX_SEGMENT  # under 65507, the most one UDP send may carry
-NO_SEGMENTING = frozenset({errno.EINVAL, errno.ENOPROTOOPT, errno.EOPNOTSUPP, errno.EIO})
-_NATIVE = sys.byteorder  # UDP_SEGMENT's value is a u16 in the host's order
+SOL_UDP: Final = getattr(socket, "SOL_UDP", 17)
+# <linux/udp.h>; in the socket module from 3.12. Not Final: a test stands an unknown type in.
+UDP_SEGMENT = getattr(socket, "UDP_SEGMENT", 103)
+MAX_SEGMENTS: Final = 64  # UDP_MAX_SEGMENTS of older kernels (128 from 6.x)
+MAX_SEGMENT: Final = 1000  # larger datagrams go one by one: a segment must fit the path's MTU
+MAX_RUN: Final = MAX_SEGMENTS * MAX_SEGMENT  # under 65507, the most one UDP send may carry
+NO_SEGMENTING: Final = frozenset({errno.EINVAL, errno.ENOPROTOOPT, errno.EOPNOTSUPP, errno.EIO})
+_NATIVE: Final = sys.byteorder  # UDP_SEGMENT's value is a u16 in the host's order
 
 Ancillary = list[tuple[int, int, bytes]]
-NO_ANCILLARY: Ancillary = []  # never added to
-WILDCARDS = ("0.0.0.0", "::")
+NO_ANCILLARY: Final[Ancillary] = []  # never added to
+WILDCARDS: Final = ("0.0.0.0", "::")
 
 # Datagrams are read into these and sent on as slices of them: no 64 KiB bytes object per
 # datagram. The kernel copies a datagram when it is sent, so one buffer per direction serves
 # every relay of the process; two, because evicting a flow to make room for a client's
 # datagram drains the flow's replies while that datagram still waits in _FROM_CLIENTS.
-_FROM_CLIENTS = bytearray(MAX_RUN + MAX_DATAGRAM)  # a run of datagrams, then the next one
-_FROM_CLIENTS_VIEW = memoryview(_FROM_CLIENTS)
-_FROM_CONTAINER = bytearray(MAX_DATAGRAM)
-_FROM_CONTAINER_VIEW = memoryview(_FROM_CONTAINER)
+_FROM_CLIENTS: Final = bytearray(MAX_RUN + MAX_DATAGRAM)  # a run of datagrams, then the next one
+_FROM_CLIENTS_VIEW: Final = memoryview(_FROM_CLIENTS)
+_FROM_CONTAINER: Final = bytearray(MAX_DATAGRAM)
+_FROM_CONTAINER_VIEW: Final = memoryview(_FROM_CONTAINER)
 
 # What socket() or connect() fail with when fds, memory or ephemeral ports run out: giving up
 # an idle flow frees one of each, so one retry is worth it.
-SHORTAGE = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM, errno.EAGAIN,
-                      errno.EADDRNOTAVAIL})
+SHORTAGE: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM,
+                             errno.EAGAIN, errno.EADDRNOTAVAIL})
 
-IP_PKTINFO = getattr(socket, "IP_PKTINFO", 8)  # <linux/in.h>; in the socket module from 3.12
+IP_PKTINFO: Final = getattr(socket, "IP_PKTINFO", 8)  # <linux/in.h>; in the socket module from 3.12
 
 
-@define(eq=False)
 class Flow:
-    client: Any  # the client's socket address tuple, as recvmsg returned it
-    sock: socket.socket
-    last: float
-    reply_ancillary: Ancillary | None = None  # source address for replies
-    pktinfo_seen: bytes = b""
-    header: bytes | None = None  # PROXY v2 header prefixed to every datagram, if enabled
-    record: accesslog.Record | None = None  # the access log's line, if it is on
+    """One client's flow. A plain slotted class, not attrs: compiled by mypyc (setup.py), it
+    becomes a native class whose fields the per-datagram path reads directly, where an attrs
+    class stays interpreted and is reached through generic getattr calls."""
+
+    __slots__ = ("client", "sock", "last", "reply_ancillary", "pktinfo_seen", "header", "record")
+
+    def __init__(self, client: Any, sock: socket.socket, last: float) -> None:
+        self.client = client  # the client's socket address tuple, as recvfrom returned it
+        self.sock = sock
+        self.last = last
+        self.reply_ancillary: Ancillary | None = None  # source address for replies
+        self.pktinfo_seen = b""
+        self.header: bytes | None = None  # PROXY v2 header prefixed to every datagram, if on
+        self.record: accesslog.Record | None = None  # the access log's line, if it is on
 
 
 class FlowTable:
@@ -138,6 +145,17 @@ def enable_pktinfo(sock: socket.socket) -> None:
         sock.setsockopt(socket.IPPROTO_IP, IP_PKTINFO, 1)
 
 
+class _Loop(Protocol):
+    """What the relay uses of its event loop. uvloop's remove_reader() returns None where
+    typeshed says bool, and mypyc's compiled code checks a declared return type at run time."""
+
+    def time(self) -> float: ...
+    def add_reader(self, fd: int, callback: Callable[..., object], *args: Any) -> None: ...
+    def remove_reader(self, fd: int) -> object: ...
+    def call_later(self, delay: float, callback: Callable[..., object],
+                   *args: Any) -> asyncio.TimerHandle: ...
+
+
 class UdpRelay(RelayBase):
     """Serves one UDP mapping."""
 
@@ -153,7 +171,7 @@ class UdpRelay(RelayBase):
         self.proxy_protocol = config.proxy_protocol
         self.transparent = config.transparent
         self._backend_family = mapping.backend_family
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop: _Loop | None = None
         self._sock: socket.socket | None = None
         self._sweeper: asyncio.TimerHandle | None = None
         self._pktinfo = False  # ask for the destination address of every datagram
