@@ -25,8 +25,9 @@ from setuptools import setup
 # class and its constants Final, so that compiled code reads them directly: −16 % user-space
 # instructions per datagram in bursts, −5 % in ping-pong). Left interpreted, measured or tried
 # (benchmarks/README.md): splice (bulk transfers run in the kernel; compiled, uvloop's
-# remove_reader() returning None where the stubs say bool fails at run time), sctp (tested only in the heavy suite's VM), and the
-# ground and mode modules (start-up code, and attrs classes, which mypyc leaves interpreted).
+# remove_reader() returning None where the stubs say bool fails at run time), sctp (tested
+# only in the heavy suite's VM), and the ground and mode modules (start-up code, and attrs
+# classes, which mypyc leaves interpreted).
 COMPILED = [
     "proxy/relays/idle.py",
     "proxy/relays/tcp.py",
