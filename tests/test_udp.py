@@ -7,6 +7,7 @@ import socket
 
 import pytest
 
+from proxy.ground.sockets import set_buffer_size
 from proxy.relays import udp
 from proxy.relays.udp import FlowTable
 from tests.helpers import free_port, needs_ipv6, udp_backend, udp_client, udp_proxy
@@ -180,7 +181,8 @@ def burst(clients: list[socket.socket], port: int) -> dict[int, list[bytes]]:
         sent[i].append(payload)
 
     n = 0
-    for size in (64, 64, 30, 64, 2000, 64, 100, 100):
+    # ... and more than one run's worth of bytes (64,000), so runs wrap around the buffer
+    for size in (64, 64, 30, 500, 64, 2000, 64, 100, 100, *[1000] * 10):
         for _ in range(8):
             n += 1
             send(0, (b"%06d" % n).ljust(size, b"a"))
@@ -191,7 +193,10 @@ def burst(clients: list[socket.socket], port: int) -> dict[int, list[bytes]]:
 @pytest.mark.parametrize("host_ip", ["127.0.0.1", "0.0.0.0"])  # without and with PKTINFO
 async def test_a_burst_reaches_the_container_datagram_by_datagram_in_order(host_ip: str) -> None:
     loop = asyncio.get_running_loop()
-    transport, sink = await loop.create_datagram_endpoint(Sink, local_addr=("127.0.0.1", 0))
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("127.0.0.1", 0))
+    set_buffer_size(sock, socket.SO_RCVBUF, 4 << 20)  # the whole burst waits for the sink
+    transport, sink = await loop.create_datagram_endpoint(Sink, sock=sock)
     try:
         async with udp_proxy(transport.get_extra_info("sockname")[1], host_ip=host_ip) as server:
             relay = server.relays[0]

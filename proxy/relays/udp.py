@@ -59,7 +59,9 @@ WILDCARDS: Final = ("0.0.0.0", "::")
 # datagram. The kernel copies a datagram when it is sent, so one buffer per direction serves
 # every relay of the process; two, because evicting a flow to make room for a client's
 # datagram drains the flow's replies while that datagram still waits in _FROM_CLIENTS.
-_FROM_CLIENTS: Final = bytearray(MAX_RUN + MAX_DATAGRAM)  # a run of datagrams, then the next one
+# A run starts where the last one ended, while that leaves room for a whole run and the next
+# datagram after it; past that, back at 0.
+_FROM_CLIENTS: Final = bytearray(2 * MAX_RUN + MAX_DATAGRAM)
 _FROM_CLIENTS_VIEW: Final = memoryview(_FROM_CLIENTS)
 _FROM_CONTAINER: Final = bytearray(MAX_DATAGRAM)
 _FROM_CONTAINER_VIEW: Final = memoryview(_FROM_CONTAINER)
@@ -228,11 +230,11 @@ class UdpRelay(RelayBase):
         now = self._loop.time()
         counting = self.access is not None  # sizes are added up only for the access log
         datagrams = octets = 0  # added to the stats once per burst
-        # A run: consecutive datagrams of one flow and one size, side by side at the start of
-        # the buffer, sent to the container in one system call (UDP_SEGMENT: the kernel cuts
-        # them apart again, and the container receives each datagram as it was sent).
+        # A run: consecutive datagrams of one flow and one size, side by side in the buffer
+        # from `start` to `end`, sent to the container in one system call (UDP_SEGMENT: the
+        # kernel cuts them apart again, and the container receives each datagram as it was sent).
         run: Flow | None = None
-        end = segment = count = 0
+        start = end = segment = count = 0
         segmenting = self._segmenting
         for _ in range(BURST):
             try:  # the datagram lands at `end`, after the run
@@ -247,7 +249,7 @@ class UdpRelay(RelayBase):
             flow = get(client)
             if flow is None:
                 if run is not None:  # the new flow may evict the run's: send the run first
-                    self._to_container(run, view[:end], segment, count)
+                    self._to_container(run, view[start:end], segment, count)
                     run = None
                 flow = self._new_flow(client, now, ancillary)
                 if flow is None:
@@ -270,17 +272,18 @@ class UdpRelay(RelayBase):
                     end += size
                     count += 1
                     continue
-                self._to_container(run, view[:end], segment, count)
+                self._to_container(run, view[start:end], segment, count)
                 run = None
             if segmenting and size <= MAX_SEGMENT and flow.header is None:
-                if end:
-                    into[:size] = view[end:end + size]
-                run, end, segment, count = flow, size, size, 1
+                if end > MAX_RUN:  # no room for a whole run after it: move it to the start
+                    into[:size] = view[end:end + size]  # apart: end > MAX_RUN >= size
+                    end = 0
+                run, start, end, segment, count = flow, end, end + size, size, 1
             else:
                 self._to_container(flow, view[end:end + size], size, 1)
                 end = 0
         if run is not None:
-            self._to_container(run, view[:end], segment, count)
+            self._to_container(run, view[start:end], segment, count)
         stats.datagrams_from_client += datagrams
         stats.bytes_from_client += octets
 
