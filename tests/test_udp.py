@@ -187,6 +187,8 @@ def burst(clients: list[socket.socket], port: int) -> dict[int, list[bytes]]:
             n += 1
             send(0, (b"%06d" % n).ljust(size, b"a"))
         send(1, (b"%06d" % n).ljust(size, b"b"))
+    for _ in range(3):  # empty datagrams are datagrams too
+        send(0, b"")
     return sent
 
 

@@ -274,7 +274,8 @@ class UdpRelay(RelayBase):
                     continue
                 self._to_container(run, view[start:end], segment, count)
                 run = None
-            if segmenting and size <= MAX_SEGMENT and flow.header is None:
+            # (not an empty datagram: a segment of 0 would send one datagram for the run)
+            if segmenting and 0 < size <= MAX_SEGMENT and flow.header is None:
                 if end > MAX_RUN:  # no room for a whole run after it: move it to the start
                     into[:size] = view[end:end + size]  # apart: end > MAX_RUN >= size
                     end = 0
