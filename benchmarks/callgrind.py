@@ -3,7 +3,7 @@ callgrind: an A/B that the machine's noise does not move (no hardware counters o
 so `perf stat` can't count them).
 
     .venv/bin/python benchmarks/callgrind.py --connections 2000 [--python /work/venv-before/bin/python]
-    .venv/bin/python benchmarks/callgrind.py --mode keepalive   # or --mode udp
+    .venv/bin/python benchmarks/callgrind.py --mode keepalive   # or --mode udp, --mode udpburst
 
 Runs `python -m proxy` (from --cwd, this checkout by default, or the installed package of
 --python's venv with --installed) under callgrind, lets it start and warm up, zeroes the
@@ -15,7 +15,9 @@ instructions per exchange. The exchange is, by --mode:
   keepalive  one HTTP/1.1 request and its response over a connection opened during the
              warm-up and kept: the relay's data path, two reads and two writes;
   udp        one 64-byte datagram to the proxy and its echo back, on one flow made during the
-             warm-up: the UDP relay's per-datagram path, both ways.
+             warm-up: the UDP relay's per-datagram path, both ways;
+  udpburst   a burst of 32 such datagrams, then their 32 echoes (a flood's shape: the proxy
+             reads several per wake-up); the count is per datagram round trip.
 
 The HTTP backend is nginx (as bench.py's http_backend), the UDP one an echo thread in this
 process; both outside valgrind. Counts are of the whole process: interpreter, uvloop, libc;
@@ -44,6 +46,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REQUEST = b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
 KEEPALIVE_REQUEST = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"
 DATAGRAM = b"x" * 64
+BURST = 32  # datagrams per exchange in --mode udpburst: few enough that no queue drops one
 
 
 def close_exchange(port: int) -> Callable[[], None]:
@@ -80,6 +83,19 @@ def udp_exchange(port: int) -> Callable[[], None]:
     return exchange
 
 
+def udp_burst_exchange(port: int) -> Callable[[], None]:
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.connect(("127.0.0.1", port))
+    s.settimeout(10)
+
+    def exchange() -> None:
+        for _ in range(BURST):
+            s.send(DATAGRAM)
+        for _ in range(BURST):
+            s.recv(65536)
+    return exchange
+
+
 def udp_echo_backend(port: int) -> None:
     """Echoes every datagram on 127.0.0.1:`port`, from a daemon thread (not under valgrind)."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -92,8 +108,11 @@ def udp_echo_backend(port: int) -> None:
     threading.Thread(target=serve, daemon=True).start()
 
 
-MODES = {"close": close_exchange, "keepalive": keepalive_exchange, "udp": udp_exchange}
-UNITS = {"close": "connection", "keepalive": "keep-alive request", "udp": "UDP round trip"}
+MODES = {"close": close_exchange, "keepalive": keepalive_exchange, "udp": udp_exchange,
+         "udpburst": udp_burst_exchange}
+UNITS = {"close": "connection", "keepalive": "keep-alive request", "udp": "UDP round trip",
+         "udpburst": "UDP round trip in bursts of 32"}
+PER_EXCHANGE = {"udpburst": BURST}  # round trips per exchange, where not one
 
 
 def totals(out_dir: str) -> int:
@@ -121,7 +140,7 @@ def main() -> int:
     parser.add_argument("extra", nargs="*", help="more pyproxy flags (after --)")
     args = parser.parse_args()
     backend_port, port = free_port(udp_too=True), free_port(udp_too=True)
-    proto = "udp" if args.mode == "udp" else "tcp"
+    proto = "udp" if args.mode.startswith("udp") else "tcp"
     backend = None
     if proto == "udp":
         udp_echo_backend(backend_port)
@@ -153,7 +172,8 @@ def main() -> int:
         stop(proxy)
         if backend is not None:
             stop(backend)
-    print(f"{instructions / args.connections:,.0f} instructions per {UNITS[args.mode]} "
+    per = instructions / args.connections / PER_EXCHANGE.get(args.mode, 1)
+    print(f"{per:,.0f} instructions per {UNITS[args.mode]} "
           f"({args.connections} of them, {args.loop}, {' '.join(args.extra) or 'no flags'})")
     # Kept for per-function counts: `callgrind_annotate --inclusive=yes DIR/callgrind.out.*.1`
     # (its find_name_in_mro line: CPython's method-cache misses, which move with the build's

@@ -7,6 +7,8 @@ import socket
 
 import pytest
 
+from proxy.ground.sockets import set_buffer_size
+from proxy.relays import udp
 from proxy.relays.udp import FlowTable
 from tests.helpers import free_port, needs_ipv6, udp_backend, udp_client, udp_proxy
 
@@ -159,20 +161,106 @@ async def test_flow_cap_evicts_the_idlest_flow() -> None:
                 c.close()
 
 
+class Sink(asyncio.DatagramProtocol):
+    """Records every datagram with its source address, in arrival order."""
+
+    def __init__(self) -> None:
+        self.got: list[tuple[bytes, tuple]] = []
+
+    def datagram_received(self, data: bytes, addr) -> None:  # type: ignore[no-untyped-def]
+        self.got.append((data, addr))
+
+
+def burst(clients: list[socket.socket], port: int) -> dict[int, list[bytes]]:
+    """Datagrams sent without waiting, so the proxy (same loop) reads them in one go: runs of
+    one size broken by a shorter one, by a large one, and by the other client's."""
+    sent: dict[int, list[bytes]] = {i: [] for i in range(len(clients))}
+
+    def send(i: int, payload: bytes) -> None:
+        clients[i].sendto(payload, ("127.0.0.1", port))
+        sent[i].append(payload)
+
+    n = 0
+    # ... and more than one run's worth of bytes (64,000), so runs wrap around the buffer
+    for size in (64, 64, 30, 500, 64, 2000, 64, 100, 100, *[1000] * 10):
+        for _ in range(8):
+            n += 1
+            send(0, (b"%06d" % n).ljust(size, b"a"))
+        send(1, (b"%06d" % n).ljust(size, b"b"))
+    for _ in range(3):  # empty datagrams are datagrams too
+        send(0, b"")
+    return sent
+
+
+@pytest.mark.parametrize("host_ip", ["127.0.0.1", "0.0.0.0"])  # without and with PKTINFO
+async def test_a_burst_reaches_the_container_datagram_by_datagram_in_order(host_ip: str) -> None:
+    loop = asyncio.get_running_loop()
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("127.0.0.1", 0))
+    set_buffer_size(sock, socket.SO_RCVBUF, 4 << 20)  # the whole burst waits for the sink
+    transport, sink = await loop.create_datagram_endpoint(Sink, sock=sock)
+    try:
+        async with udp_proxy(transport.get_extra_info("sockname")[1], host_ip=host_ip) as server:
+            relay = server.relays[0]
+            clients = [udp_client(), udp_client()]
+            try:
+                sent = burst(clients, relay.port)
+                total = sum(len(v) for v in sent.values())
+                for _ in range(300):
+                    if len(sink.got) >= total:
+                        break
+                    await asyncio.sleep(0.01)
+            finally:
+                for c in clients:
+                    c.close()
+            by_source: dict[tuple, list[bytes]] = {}
+            for data, src in sink.got:
+                by_source.setdefault(src, []).append(data)
+            # each client one flow, one source port, its datagrams whole, apart and in order
+            assert sorted(by_source.values()) == sorted(sent.values())
+            assert relay.stats.datagrams_from_client == total
+            assert relay.stats.datagrams_dropped == 0
+    finally:
+        transport.close()
+
+
+async def test_a_kernel_refusing_udp_segment_gets_the_datagrams_one_by_one(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """An unknown SOL_UDP control message fails as UDP_SEGMENT does where the kernel lacks it
+    (EINVAL): the run goes out one by one, and the relay stops trying."""
+    monkeypatch.setattr(udp, "UDP_SEGMENT", 0x7FFF)
+    loop = asyncio.get_running_loop()
+    transport, sink = await loop.create_datagram_endpoint(Sink, local_addr=("127.0.0.1", 0))
+    try:
+        async with udp_proxy(transport.get_extra_info("sockname")[1]) as server:
+            relay = server.relays[0]
+            with udp_client() as c:
+                payloads = [b"%02d" % i * 32 for i in range(20)]
+                for payload in payloads:
+                    c.sendto(payload, ("127.0.0.1", relay.port))
+                for _ in range(300):
+                    if len(sink.got) >= len(payloads):
+                        break
+                    await asyncio.sleep(0.01)
+            assert [data for data, _ in sink.got] == payloads
+            assert not relay._segmenting and relay.stats.datagrams_dropped == 0
+    finally:
+        transport.close()
+
+
 def test_flow_table_bookkeeping() -> None:
-    """The table's order is the idleness order; no sockets needed to check it."""
-
-    class F:
-        def __init__(self, last: float) -> None:
-            self.last = last
-
-    table = FlowTable(max_flows=2)
-    table["a"], table["b"] = F(1.0), F(2.0)  # type: ignore[assignment]
-    table.move_to_end("a")
-    table["a"].last = 3.0
-    evicted = table.make_room()
-    assert evicted is not None and evicted.last == 2.0 and list(table) == ["a"]
-    table["c"] = F(4.0)  # type: ignore[assignment]
-    assert table.make_room().last == 3.0  # type: ignore[union-attr]
-    assert [f.last for f in table.expire(now=10.0, timeout=5.0)] == [4.0]
-    assert not table
+    """The table's order is the idleness order; no traffic needed to check it (real Flows, as
+    the compiled build checks their type, over one socket that never sends)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        table = FlowTable(max_flows=2)
+        flows = table.by_client
+        flows["a"], flows["b"] = udp.Flow("a", sock, 1.0), udp.Flow("b", sock, 2.0)
+        flows.move_to_end("a")
+        flows["a"].last = 3.0
+        evicted = table.make_room()
+        assert evicted is not None and evicted.last == 2.0 and list(flows) == ["a"]
+        assert "a" in table and "b" not in table and len(table) == 1
+        flows["c"] = udp.Flow("c", sock, 4.0)
+        assert table.make_room().last == 3.0  # type: ignore[union-attr]
+        assert [f.last for f in table.expire(now=10.0, timeout=5.0)] == [4.0]
+        assert not table and table.pop_idlest() is None
