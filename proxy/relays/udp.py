@@ -48,6 +48,9 @@ UDP_SEGMENT = getattr(socket, "UDP_SEGMENT", 103)
 MAX_SEGMENTS: Final = 64  # UDP_MAX_SEGMENTS of older kernels (128 from 6.x)
 MAX_SEGMENT: Final = 1000  # larger datagrams go one by one: a segment must fit the path's MTU
 MAX_RUN: Final = MAX_SEGMENTS * MAX_SEGMENT  # under 65507, the most one UDP send may carry
+# What a kernel without UDP_SEGMENT (or a device that cannot take it) fails a run with. A
+# segment over the path's MTU fails with EMSGSIZE instead: the kernel never fragments a
+# segment, where it fragments a lone datagram of the same size.
 NO_SEGMENTING: Final = frozenset({errno.EINVAL, errno.ENOPROTOOPT, errno.EOPNOTSUPP, errno.EIO})
 _NATIVE: Final = sys.byteorder  # UDP_SEGMENT's value is a u16 in the host's order
 
@@ -177,7 +180,9 @@ class UdpRelay(RelayBase):
         self._sock: socket.socket | None = None
         self._sweeper: asyncio.TimerHandle | None = None
         self._pktinfo = False  # ask for the destination address of every datagram
-        self._segmenting = True  # send runs of datagrams with UDP_SEGMENT, until that fails
+        # Runs of datagrams up to this size go out with UDP_SEGMENT; lowered when a run's
+        # segment is over the path's MTU, 0 once the kernel refuses UDP_SEGMENT altogether.
+        self._max_segment = MAX_SEGMENT
 
     async def start(self, sock: socket.socket, *, adopted: bool = False) -> None:
         self._loop = asyncio.get_running_loop()
@@ -235,7 +240,7 @@ class UdpRelay(RelayBase):
         # kernel cuts them apart again, and the container receives each datagram as it was sent).
         run: Flow | None = None
         start = end = segment = count = 0
-        segmenting = self._segmenting
+        max_segment = self._max_segment
         for _ in range(BURST):
             try:  # the datagram lands at `end`, after the run
                 if pktinfo:
@@ -275,7 +280,7 @@ class UdpRelay(RelayBase):
                 self._to_container(run, view[start:end], segment, count)
                 run = None
             # (not an empty datagram: a segment of 0 would send one datagram for the run)
-            if segmenting and 0 < size <= MAX_SEGMENT and flow.header is None:
+            if 0 < size <= max_segment and flow.header is None:
                 if end > MAX_RUN:  # no room for a whole run after it: move it to the start
                     into[:size] = view[end:end + size]  # apart: end > MAX_RUN >= size
                     end = 0
@@ -306,10 +311,14 @@ class UdpRelay(RelayBase):
             else:
                 self.stats.datagrams_dropped += count
         except OSError as exc:
-            if count > 1 and exc.errno in NO_SEGMENTING:
-                # A kernel without UDP_SEGMENT, or a path whose MTU is under the segment: send
-                # them one by one, and from now on always.
-                self._segmenting = False
+            if count > 1 and (exc.errno in NO_SEGMENTING or exc.errno == errno.EMSGSIZE):
+                # A kernel without UDP_SEGMENT: from now on always one by one. A path whose
+                # MTU is under the segment (a container behind a small-MTU link): runs of
+                # smaller datagrams only. This run goes one by one, each fragmented if need be.
+                if exc.errno == errno.EMSGSIZE:
+                    self._max_segment = min(self._max_segment, segment - 1)
+                else:
+                    self._max_segment = 0
                 for at in range(0, len(data), segment):
                     self._to_container(flow, data[at:at + segment], segment, 1)
             else:
