@@ -218,7 +218,10 @@ def test_eof_execs_the_resume_command_in_the_same_process(waiters, tmp_path):
     w.engine.close()
     until(lambda: os.path.realpath(f"/proc/{w.proc.pid}/exe") == os.path.realpath("/bin/sleep"),
           within=5)
-    assert read_text(f"/proc/{w.proc.pid}/cmdline").split("\0")[:2] == ["/bin/sleep", "30"]
+    # The exe link changes before the new program's argv and environment are in place (the
+    # kernel sets them up a moment later in the same execve): wait for its argv.
+    until(lambda: read_text(f"/proc/{w.proc.pid}/cmdline").split("\0")[:2] == ["/bin/sleep", "30"],
+          within=5)
     fds = fds_of(w.proc.pid)
     assert fds == {0: "/dev/null", 1: "/dev/null", 2: fds[2], 7: held_inode}
     assert status_field(w.proc.pid, "SigBlk") == 0
