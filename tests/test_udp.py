@@ -176,13 +176,13 @@ class Sink(asyncio.DatagramProtocol):
         self.got.append((data, addr))
 
 
-def burst(clients: list[socket.socket], port: int) -> dict[int, list[bytes]]:
+def burst(clients: list[socket.socket], host: str, port: int) -> dict[int, list[bytes]]:
     """Datagrams sent without waiting, so the proxy (same loop) reads them in one go: runs of
     one size broken by a shorter one, by a large one, and by the other client's."""
     sent: dict[int, list[bytes]] = {i: [] for i in range(len(clients))}
 
     def send(i: int, payload: bytes) -> None:
-        clients[i].sendto(payload, ("127.0.0.1", port))
+        clients[i].sendto(payload, (host, port))
         sent[i].append(payload)
 
     n = 0
@@ -197,19 +197,28 @@ def burst(clients: list[socket.socket], port: int) -> dict[int, list[bytes]]:
     return sent
 
 
-@pytest.mark.parametrize("host_ip", ["127.0.0.1", "0.0.0.0"])  # without and with PKTINFO
-async def test_a_burst_reaches_the_container_datagram_by_datagram_in_order(host_ip: str) -> None:
+@pytest.mark.parametrize("host_ip, container_ip", [
+    ("127.0.0.1", "127.0.0.1"),  # without PKTINFO
+    ("0.0.0.0", "127.0.0.1"),  # with
+    pytest.param("::1", "::1", marks=needs_ipv6),  # runs over IPv6
+    pytest.param("::", "::1", marks=needs_ipv6),
+])
+async def test_a_burst_reaches_the_container_datagram_by_datagram_in_order(
+        host_ip: str, container_ip: str) -> None:
     loop = asyncio.get_running_loop()
-    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    sock.bind(("127.0.0.1", 0))
+    family = socket.AF_INET6 if ":" in container_ip else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_DGRAM)
+    sock.bind((container_ip, 0))
     set_buffer_size(sock, socket.SO_RCVBUF, 4 << 20)  # the whole burst waits for the sink
     transport, sink = await loop.create_datagram_endpoint(Sink, sock=sock)
+    client_ip = "::1" if ":" in host_ip else "127.0.0.1"
     try:
-        async with udp_proxy(transport.get_extra_info("sockname")[1], host_ip=host_ip) as server:
+        async with udp_proxy(transport.get_extra_info("sockname")[1], host_ip=host_ip,
+                             container_ip=container_ip) as server:
             relay = server.relays[0]
-            clients = [udp_client(), udp_client()]
+            clients = [udp_client(client_ip), udp_client(client_ip)]
             try:
-                sent = burst(clients, relay.port)
+                sent = burst(clients, client_ip, relay.port)
                 total = sum(len(v) for v in sent.values())
                 for _ in range(300):
                     if len(sink.got) >= total:
@@ -225,6 +234,7 @@ async def test_a_burst_reaches_the_container_datagram_by_datagram_in_order(host_
             assert sorted(by_source.values()) == sorted(sent.values())
             assert relay.stats.datagrams_from_client == total
             assert relay.stats.datagrams_dropped == 0
+            assert relay._max_segment == udp.MAX_SEGMENT  # the runs went out as runs
     finally:
         transport.close()
 
