@@ -474,6 +474,29 @@ def value(samples: dict, name: str, **labels: str) -> float:
     return sum(v for (n, ls), v in samples.items() if n == name and want <= ls)
 
 
+def signal_mask(pid: int, field: str) -> int:
+    """One of /proc/PID/status's signal masks (SigBlk, SigCgt...) as an int. OSError once the
+    process is gone, StopIteration if its status has no such line (a zombie's)."""
+    line = next(l for l in read_text(f"/proc/{pid}/status").splitlines() if l.startswith(field + ":"))
+    return int(line.split()[1], 16)
+
+
+def mask(*signums: int) -> int:
+    """The signals as a mask, bit n-1 for signal n, as /proc/PID/status writes them."""
+    return sum(1 << (s - 1) for s in signums)
+
+
+STOPS = mask(signal.SIGINT, signal.SIGTERM)
+
+
+def catches_sigterm(pid: int) -> bool:
+    """Its own SIGTERM handler is installed (pyproxy's first line has run)."""
+    try:
+        return bool(signal_mask(pid, "SigCgt") & mask(signal.SIGTERM))
+    except (OSError, StopIteration):
+        return False
+
+
 def waiting(pid: int) -> bool:
     """`pid` is a waiter (its title names the mapping) whose stop handler is set (a shell's
     trap): a stop signal from now on is answered, not the end of it by the signal."""
@@ -481,11 +504,9 @@ def waiting(pid: int) -> bool:
         with open(f"/proc/{pid}/cmdline") as f:
             if not f.read().startswith("pyproxy-wait"):
                 return False
-        with open(f"/proc/{pid}/status") as f:
-            caught = int(next(line for line in f if line.startswith("SigCgt:")).split()[1], 16)
+        return signal_mask(pid, "SigCgt") & STOPS == STOPS
     except (OSError, StopIteration):
         return False
-    return all(caught & (1 << (signum - 1)) for signum in (signal.SIGINT, signal.SIGTERM))
 
 
 def reattaching(pid: int) -> bool:
@@ -501,11 +522,9 @@ def reattaching(pid: int) -> bool:
         # still there, or exec'ing, is not what is tested.
         if argv[0].startswith("pyproxy-wait") or not any(a.startswith(REATTACH_FLAG) for a in argv):
             return False
-        with open(f"/proc/{pid}/status") as f:
-            caught = next(line for line in f if line.startswith("SigCgt:"))
-    except (OSError, StopIteration):
+    except OSError:
         return False
-    return bool(int(caught.split()[1], 16) & (1 << (signal.SIGTERM - 1)))
+    return catches_sigterm(pid)
 
 
 def workers_of(pid: int) -> list[int]:

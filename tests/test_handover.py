@@ -30,6 +30,7 @@ from tests.helpers import (
     REPO,
     EchoBackend,
     Proxy,
+    catches_sigterm,
     docker_args,
     exchange,
     free_port,
@@ -290,14 +291,22 @@ def test_an_engine_socket_in_a_directory_others_can_write_is_refused(tmp_path, m
 
 # -- a stop signal at any moment of start-up -------------------------------------------------------
 
-def _catches_sigterm(pid: int) -> bool:
-    """pyproxy's first line has run: its own SIGTERM handler is installed."""
+def _spawned_with_its_handlers(args: list[str], env: dict[str, str]) -> tuple[subprocess.Popen, int]:
+    """pyproxy spawned as dockerd does (a status pipe on fd 3), returned the moment its first
+    line has run (its SIGTERM handler is installed; polled every millisecond, so a stop can
+    come as early as that): the process and the pipe's read end."""
+    read_end, write_end = os.pipe()
+    proc = spawn(args, {3: write_end}, env=env)
+    os.close(write_end)
     try:
-        with open(f"/proc/{pid}/status") as f:
-            caught = next(line for line in f if line.startswith("SigCgt:"))
-    except (OSError, StopIteration):
-        return False
-    return bool(int(caught.split()[1], 16) & (1 << (signal.SIGTERM - 1)))
+        deadline = time.monotonic() + 10
+        while not catches_sigterm(proc.pid):
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.001)
+    except BaseException:
+        os.close(read_end)
+        raise
+    return proc, read_end
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
@@ -308,15 +317,10 @@ def test_a_signal_at_any_moment_of_standalone_start_up(signum, proxy_loop_env):
     rng = random.Random()
     try:
         for _ in range(7):
-            read_end, write_end = os.pipe()
             port = free_port()
-            proc = spawn(docker_args(port, backend.port), {3: write_end}, env=proxy_loop_env)
-            os.close(write_end)
+            proc, read_end = _spawned_with_its_handlers(docker_args(port, backend.port),
+                                                        proxy_loop_env)
             try:
-                deadline = time.monotonic() + 10
-                while not _catches_sigterm(proc.pid):
-                    assert proc.poll() is None and time.monotonic() < deadline
-                    time.sleep(0.001)
                 time.sleep(rng.uniform(0, 0.25))  # start-up, and past "0\n" at times
                 proc.send_signal(signum)
                 if signum == signal.SIGHUP:
@@ -350,16 +354,10 @@ def test_a_stop_at_any_moment_of_a_handover_into_pyproxy_wait(engine, signum):
     path, _ = engine
     rng = random.Random()
     for _ in range(15):
-        read_end, write_end = os.pipe()
         port = free_port()
-        proc = spawn(docker_args(port, 9), {3: write_end},
-                     env={"PYPROXY_ENGINE_SOCKET": path, WAIT_SHELL_ENV: ""})
-        os.close(write_end)
+        proc, read_end = _spawned_with_its_handlers(
+            docker_args(port, 9), {"PYPROXY_ENGINE_SOCKET": path, WAIT_SHELL_ENV: ""})
         try:
-            deadline = time.monotonic() + 10
-            while not _catches_sigterm(proc.pid):
-                assert proc.poll() is None and time.monotonic() < deadline
-                time.sleep(0.001)
             time.sleep(rng.uniform(0, 0.06))  # through the handover, at times past "0\n"
             proc.send_signal(signum)
             status = read_status(read_end)

@@ -18,23 +18,13 @@ import time
 import pytest
 
 from proxy.handover import WAITER_ANSWERS, WAITER_DIR, WAITER_SILENT, waiter_binary
-from tests.helpers import REPO, output, read_status, read_text, spawn, until
+from tests.helpers import REPO, STOPS, mask, output, read_status, read_text, signal_mask, spawn, until
 
 pytestmark = pytest.mark.timeout(60)
 
 BINARY = waiter_binary()
 needs_binary = pytest.mark.skipif(BINARY is None, reason=f"no pyproxy-wait for {os.uname().machine}")
 STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
-
-
-def status_field(pid: int, name: str) -> int:
-    """A signal mask of /proc/PID/status (SigBlk, SigCgt...) as an int."""
-    line = next(l for l in read_text(f"/proc/{pid}/status").splitlines() if l.startswith(name + ":"))
-    return int(line.split()[1], 16)
-
-
-def mask(*signums: int) -> int:
-    return sum(1 << (s - 1) for s in signums)
 
 
 def fds_of(pid: int) -> dict[int, str]:
@@ -67,8 +57,8 @@ class Waiter:
     def handled(self) -> bool:
         """Its stop handler is set and the signals are no longer blocked."""
         try:
-            return (status_field(self.proc.pid, "SigCgt") & mask(*STOP_SIGNALS) == mask(*STOP_SIGNALS)
-                    and status_field(self.proc.pid, "SigBlk") & mask(*STOP_SIGNALS) == 0)
+            return (signal_mask(self.proc.pid, "SigCgt") & STOPS == STOPS
+                    and signal_mask(self.proc.pid, "SigBlk") & STOPS == 0)
         except (OSError, StopIteration):
             return False
 
@@ -180,7 +170,7 @@ def test_a_stop_with_the_engine_gone_exits_0_not_by_sigpipe(waiters):
     (spawned here, SIGPIPE has its default action)."""
     w = waiters(resume=("/bin/sleep", "30"))
     until(w.handled, within=5)
-    assert status_field(w.proc.pid, "SigIgn") & mask(signal.SIGPIPE) == 0
+    assert signal_mask(w.proc.pid, "SigIgn") & mask(signal.SIGPIPE) == 0
     w.proc.send_signal(signal.SIGSTOP)  # so the close is not seen before the stop
     w.engine.close()
     w.proc.send_signal(signal.SIGTERM)
@@ -224,8 +214,8 @@ def test_eof_execs_the_resume_command_in_the_same_process(waiters, tmp_path):
           within=5)
     fds = fds_of(w.proc.pid)
     assert fds == {0: "/dev/null", 1: "/dev/null", 2: fds[2], 7: held_inode}
-    assert status_field(w.proc.pid, "SigBlk") == 0
-    assert status_field(w.proc.pid, "SigCgt") == 0
+    assert signal_mask(w.proc.pid, "SigBlk") == 0
+    assert signal_mask(w.proc.pid, "SigCgt") == 0
     environ = read_text(f"/proc/{w.proc.pid}/environ").split("\0")
     assert "PYPROXY_WAITER_TEST=passed through" in environ
 
@@ -249,7 +239,7 @@ def test_a_read_error_ends_the_wait_as_eof_does():
     proc = spawn([WAITER_SILENT], {0: theirs.fileno(), 1: theirs.fileno()}, command=[BINARY])
     theirs.close()
     try:
-        until(lambda: status_field(proc.pid, "SigCgt") != 0, within=5)
+        until(lambda: signal_mask(proc.pid, "SigCgt") != 0, within=5)
         engine.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         engine.close()  # an RST, not a FIN
         assert proc.wait(timeout=5) == 1
@@ -273,8 +263,8 @@ def test_a_stop_at_any_moment_of_its_start_never_kills_it(waiters, blocked):
             # (the exe link first: this Python's fork child blocks every signal for a moment
             # before it execs, then unblocks them with their default action)
             until(lambda pid=w.proc.pid: os.path.realpath(f"/proc/{pid}/exe") == os.path.realpath(BINARY)
-                  and (status_field(pid, "SigBlk") & mask(signal.SIGINT, signal.SIGTERM)
-                       or status_field(pid, "SigCgt")), within=5)
+                  and (signal_mask(pid, "SigBlk") & STOPS
+                       or signal_mask(pid, "SigCgt")), within=5)
         time.sleep(rng.uniform(0, 0.003))
         w.proc.send_signal(signal.SIGTERM if i % 2 else signal.SIGINT)
         assert w.engine.recv(100) == b"stop\n"
