@@ -311,18 +311,18 @@ class UdpRelay(RelayBase):
             else:
                 self.stats.datagrams_dropped += count
         except OSError as exc:
-            if count > 1 and (exc.errno in NO_SEGMENTING or exc.errno == errno.EMSGSIZE):
-                # A kernel without UDP_SEGMENT: from now on always one by one. A path whose
-                # MTU is under the segment (a container behind a small-MTU link): runs of
-                # smaller datagrams only. This run goes one by one, each fragmented if need be.
-                if exc.errno == errno.EMSGSIZE:
-                    self._max_segment = min(self._max_segment, segment - 1)
-                else:
-                    self._max_segment = 0
-                for at in range(0, len(data), segment):
-                    self._to_container(flow, data[at:at + segment], segment, 1)
+            if count > 1 and exc.errno == errno.EMSGSIZE:
+                # A path whose MTU is under the segment (a container behind a small-MTU link):
+                # from now on runs of smaller datagrams only.
+                self._max_segment = min(self._max_segment, segment - 1)
+            elif count > 1 and exc.errno in NO_SEGMENTING:
+                self._max_segment = 0  # a kernel without UDP_SEGMENT: always one by one
             else:
                 self.stats.datagrams_dropped += count
+                return
+            # This run goes one by one, each datagram fragmented if need be.
+            for at in range(0, len(data), segment):
+                self._to_container(flow, data[at:at + segment], segment, 1)
 
     def _new_flow(self, client: Any, now: float, ancillary: Ancillary) -> Flow | None:
         stats = self.stats
