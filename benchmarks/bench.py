@@ -17,9 +17,12 @@ import functools
 import json
 import os
 import re
+import shutil
 import socket
+import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -266,6 +269,75 @@ def metrics_cost(seconds: float, rounds: int, log: Callable[[str], None]) -> dic
     return {"off": off, "on": on, "ratio": on / off}
 
 
+def access_log_cost(seconds: float, rounds: int, log: Callable[[str], None]) -> dict[str, Any]:
+    """pyproxy's CPU per unit of work with -access-log on (text and JSON lines) against off
+    (issue 16: within 10 %), and against a second copy with it off, the control (it must
+    come out 1.00: if it does not, the two places the proxies run in are not alike).
+
+    The four proxies run at once, pinned to the same core, in front of one backend, and each
+    round drives the same load at all of them at the same time (one wrk each, on the load
+    core): whatever the host does to the core during a round, it does to all. Each one's CPU
+    is read from /proc/PID/stat around the round and divided by its own count of work. Run
+    one after the other, a few seconds apart, the same build's CPU per connection moved ±15 %
+    between rounds on this shared machine, more than the effect; side by side, the rounds
+    agree to a few %. The median of the rounds' ratios and its quartiles are reported."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from peers import _pyproxy
+
+    backend_port = free_port()
+    backend = http_backend(backend_port)
+    log_dir = tempfile.mkdtemp(prefix="pyproxy-access-log-")
+    variants = {"off": (), "off again": (),
+                "text": ("-access-log", os.path.join(log_dir, "text.log")),
+                "json": ("-access-log", os.path.join(log_dir, "json.log"), "-log-format", "json")}
+    proxies: dict[str, tuple[int, subprocess.Popen]] = {}
+    results: dict[str, Any] = {}
+    try:
+        for mode, extra in variants.items():
+            peer = Peer(f"pyproxy access log {mode}", _pyproxy(*extra), ("tcp",), status_pipe=True)
+            port = free_port()
+            proxies[mode] = (port, peer.start("tcp", port, backend_port))  # type: ignore[assignment]
+        with ThreadPoolExecutor(len(proxies)) as pool:
+            for name, load in (("new-connections", http_close), ("http-keepalive", http_keepalive)):
+                ratios: dict[str, list[float]] = {mode: [] for mode in proxies if mode != "off"}
+                ports = [port for port, _ in proxies.values()]
+                for round_ in range(rounds):
+                    list(pool.map(load, ports, [1] * len(ports)))  # warm up
+                    settle([proc for _, proc in proxies.values()])
+                    before = {mode: cpu_seconds(proc.pid) for mode, (_, proc) in proxies.items()}
+                    done = dict(zip(proxies, pool.map(load, ports, [seconds] * len(ports)), strict=True))
+                    per_unit = {mode: (cpu_seconds(proc.pid) - before[mode]) / done[mode]["units"]
+                                for mode, (_, proc) in proxies.items()}
+                    # The control against "off"; the logged ones against both copies with it off.
+                    off = (per_unit["off"] + per_unit["off again"]) / 2
+                    for mode, series in ratios.items():
+                        series.append(per_unit[mode] / (per_unit["off"] if mode == "off again" else off))
+                    log(f"  {name:16} round {round_ + 1}: µs CPU per unit "
+                        + ", ".join(f"{mode} {cpu * 1e6:.1f}" for mode, cpu in per_unit.items())
+                        + "; ratios: " + ", ".join(f"{mode} {r[-1]:.3f}" for mode, r in ratios.items()))
+                results[name] = {}
+                for mode, series in ratios.items():
+                    quartiles = statistics.quantiles(series, n=4) if len(series) > 1 else series * 3
+                    results[name][mode] = {"ratios": series, "median": statistics.median(series),
+                                           "q1": quartiles[0], "q3": quartiles[2]}
+                    log(f"  {name:16} {mode} / off, CPU per unit: median {statistics.median(series):.3f} "
+                        f"(quartiles {quartiles[0]:.3f}-{quartiles[2]:.3f}, {rounds} rounds)")
+    finally:
+        for _, proc in proxies.values():
+            stop(proc)  # which writes the last batch of lines
+        stop(backend)
+        try:
+            for mode in ("text", "json"):  # that the logged ones did log: a line per connection
+                with open(variants[mode][1], "rb") as f:
+                    results[f"{mode}_lines"] = f.read().count(b"\n")
+            log(f"  {'access-log':16} lines written: text {results['text_lines']}, "
+                f"json {results['json_lines']}")
+        finally:
+            shutil.rmtree(log_dir, ignore_errors=True)
+    return results
+
+
 class Row(NamedTuple):
     """One line of the table (and one panel of the chart): a figure per peer."""
 
@@ -360,13 +432,14 @@ def draw_chart(results: dict[str, Any], path: str) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parts = [*WORKLOADS, "idle-memory", "metrics", "spawn", "many-ports"]
+    parts = [*WORKLOADS, "idle-memory", "metrics", "access-log", "spawn", "many-ports"]
     parser.add_argument("--seconds", type=int, default=5, help="per workload and proxy")
     parser.add_argument("--only", action="append", default=[],
                         help=f"workloads to run, comma-separated or repeated (default: all): {', '.join(parts)}")
     parser.add_argument("--peers", default="",
                         help=f"peers to run, comma-separated (default: all): {', '.join(p.key() for p in PEERS)}")
     parser.add_argument("--idle-conns", type=int, default=1000)
+    parser.add_argument("--rounds", type=int, default=10, help="paired rounds of the access-log A/B")
     parser.add_argument("--many-ports", type=int, default=100, help="N for the many-ports memory test")
     parser.add_argument("--flood-bitrate", default=FLOOD_BITRATE,
                         help=f"iperf3 -b for the UDP flood of {FLOOD_SIZE}-byte datagrams (default {FLOOD_BITRATE})")
@@ -408,6 +481,8 @@ def main() -> int:
             results[name] = idle_connection_memory(peers, args.idle_conns, log)
         elif name == "metrics":
             results[name] = metrics_cost(args.seconds, 3, log)
+        elif name == "access-log":
+            results[name] = access_log_cost(args.seconds, args.rounds, log)
         elif name in ("spawn", "many-ports"):
             import manyports
 
