@@ -269,72 +269,101 @@ def metrics_cost(seconds: float, rounds: int, log: Callable[[str], None]) -> dic
     return {"off": off, "on": on, "ratio": on / off}
 
 
-def access_log_cost(seconds: float, rounds: int, log: Callable[[str], None]) -> dict[str, Any]:
-    """pyproxy's CPU per unit of work with -access-log on (text and JSON lines) against off
-    (issue 16: within 10 %), and against a second copy with it off, the control (it must
-    come out 1.00: if it does not, the two places the proxies run in are not alike).
+def side_by_side(name: str, peers: list[Peer], seconds: float, rounds: int,
+                 reference: Callable[[dict[str, float]], float], log: Callable[[str], None]) -> dict[str, Any]:
+    """CPU per unit of work of `peers` measured at the same time: all of them run at once,
+    pinned to the proxy core, each in front of a backend of its own, and each round drives the workload
+    at every one of them together (one load process each, on the load core), reading each
+    one's CPU from /proc/PID/stat around the round and dividing by its own count of work.
+    Whatever the host does to the core during a round, it does to all: run one after the
+    other a few seconds apart, the same build's CPU per connection moved ±15 % between
+    rounds on this shared machine, while side by side the rounds agree to ±2 %.
 
-    The four proxies run at once, pinned to the same core, in front of one backend, and each
-    round drives the same load at all of them at the same time (one wrk each, on the load
-    core): whatever the host does to the core during a round, it does to all. Each one's CPU
-    is read from /proc/PID/stat around the round and divided by its own count of work. Run
-    one after the other, a few seconds apart, the same build's CPU per connection moved ±15 %
-    between rounds on this shared machine, more than the effect; side by side, the rounds
-    agree to a few %. The median of the rounds' ratios and its quartiles are reported."""
+    Each round's figures are divided by `reference(figures)`; returned per peer: the ratios
+    of every round, their median and quartiles, and the median CPU per unit. Rates and
+    latencies mean nothing here (the peers share the cores) and are not reported."""
     from concurrent.futures import ThreadPoolExecutor
 
+    work = WORKLOADS[name]
+    backends: list[subprocess.Popen] = []
+    procs: dict[str, list[subprocess.Popen]] = {}
+    ports: dict[str, int] = {}
+    try:
+        for each in peers:  # a backend each: iperf3's server runs one test at a time
+            backend_port = free_port()
+            backends.append(work.backend(backend_port))
+            ports[each.name] = free_port()
+            procs[each.name] = each.start_all(work.proto, ports[each.name], backend_port)
+        everyone = [proc for group in procs.values() for proc in group]
+        ratios: dict[str, list[float]] = {peer: [] for peer in procs}
+        cpus: dict[str, list[float]] = {peer: [] for peer in procs}
+        with ThreadPoolExecutor(len(procs)) as pool:
+            for round_ in range(rounds):
+                list(pool.map(work.load, ports.values(), [1] * len(ports)))  # warm up
+                settle(everyone)
+                before = {peer: sum(cpu_seconds(p.pid) for p in group) for peer, group in procs.items()}
+                done = dict(zip(procs, pool.map(work.load, ports.values(), [seconds] * len(ports)), strict=True))
+                per_unit = {peer: (sum(cpu_seconds(p.pid) for p in group) - before[peer]) / done[peer]["units"]
+                            for peer, group in procs.items()}
+                ref = reference(per_unit)
+                for peer, cpu in per_unit.items():
+                    cpus[peer].append(cpu)
+                    ratios[peer].append(cpu / ref)
+                log(f"  {name:16} round {round_ + 1}: {work.cpu_label} "
+                    + ", ".join(f"{peer} {cpu * work.cpu_scale:.2f} ({ratios[peer][-1]:.3f})"
+                                for peer, cpu in per_unit.items()))
+    finally:
+        for proc in [p for group in procs.values() for p in group] + backends:
+            stop(proc)
+    results: dict[str, Any] = {}
+    for peer, series in ratios.items():
+        quartiles = statistics.quantiles(series, n=4) if len(series) > 1 else series * 3
+        results[peer] = {"ratios": series, "median": statistics.median(series), "q1": quartiles[0],
+                         "q3": quartiles[2], "cpu_per_unit": statistics.median(cpus[peer])}
+        log(f"  {name:16} {peer:24} {statistics.median(cpus[peer]) * work.cpu_scale:8.2f} {work.cpu_label}, "
+            f"ratio median {statistics.median(series):.3f} (quartiles {quartiles[0]:.3f}-{quartiles[2]:.3f}, "
+            f"{rounds} rounds)")
+    return results
+
+
+SIDE_BY_SIDE = ("new-connections", "http-keepalive", "bulk-tcp")
+OPT_IN = ("access-log", "side-by-side")
+
+
+def peers_side_by_side(peers: list[Peer], seconds: float, rounds: int, log: Callable[[str], None]
+                       ) -> dict[str, Any]:
+    """Each TCP workload's CPU per unit of every peer, side by side (see side_by_side), over
+    docker-proxy's in the same round."""
+    serving = [p for p in peers if p.command is not None and p.serves("tcp") and p.name != "socat"]
+    if not any(p.name == "docker-proxy" for p in serving):
+        raise SystemExit("--only side-by-side: needs docker-proxy among the peers (the reference)")
+    return {name: side_by_side(name, serving, seconds, rounds, lambda cpu: cpu["docker-proxy"], log)
+            for name in SIDE_BY_SIDE}
+
+
+def access_log_cost(seconds: float, rounds: int, log: Callable[[str], None]) -> dict[str, Any]:
+    """pyproxy's CPU per unit of work with -access-log on (text and JSON lines) against off
+    (issue 16: within 10 %), side by side (see side_by_side): four of the installed pyproxy,
+    off, off again (the control: it must come out 1.00, or the places the proxies run in
+    are not alike), text and JSON; the logged ones over the mean of the two that are off."""
     from peers import _pyproxy
 
-    backend_port = free_port()
-    backend = http_backend(backend_port)
     log_dir = tempfile.mkdtemp(prefix="pyproxy-access-log-")
-    variants = {"off": (), "off again": (),
-                "text": ("-access-log", os.path.join(log_dir, "text.log")),
-                "json": ("-access-log", os.path.join(log_dir, "json.log"), "-log-format", "json")}
-    proxies: dict[str, tuple[int, subprocess.Popen]] = {}
+    files = {"text": os.path.join(log_dir, "text.log"), "json": os.path.join(log_dir, "json.log")}
+    variants = {"off": (), "off again": (), "text": ("-access-log", files["text"]),
+                "json": ("-access-log", files["json"], "-log-format", "json")}
+    peers = [Peer(mode, _pyproxy(*extra), ("tcp",), status_pipe=True) for mode, extra in variants.items()]
     results: dict[str, Any] = {}
     try:
-        for mode, extra in variants.items():
-            peer = Peer(f"pyproxy access log {mode}", _pyproxy(*extra), ("tcp",), status_pipe=True)
-            port = free_port()
-            proxies[mode] = (port, peer.start("tcp", port, backend_port))  # type: ignore[assignment]
-        with ThreadPoolExecutor(len(proxies)) as pool:
-            for name, load in (("new-connections", http_close), ("http-keepalive", http_keepalive)):
-                ratios: dict[str, list[float]] = {mode: [] for mode in proxies if mode != "off"}
-                ports = [port for port, _ in proxies.values()]
-                for round_ in range(rounds):
-                    list(pool.map(load, ports, [1] * len(ports)))  # warm up
-                    settle([proc for _, proc in proxies.values()])
-                    before = {mode: cpu_seconds(proc.pid) for mode, (_, proc) in proxies.items()}
-                    done = dict(zip(proxies, pool.map(load, ports, [seconds] * len(ports)), strict=True))
-                    per_unit = {mode: (cpu_seconds(proc.pid) - before[mode]) / done[mode]["units"]
-                                for mode, (_, proc) in proxies.items()}
-                    # The control against "off"; the logged ones against both copies with it off.
-                    off = (per_unit["off"] + per_unit["off again"]) / 2
-                    for mode, series in ratios.items():
-                        series.append(per_unit[mode] / (per_unit["off"] if mode == "off again" else off))
-                    log(f"  {name:16} round {round_ + 1}: µs CPU per unit "
-                        + ", ".join(f"{mode} {cpu * 1e6:.1f}" for mode, cpu in per_unit.items())
-                        + "; ratios: " + ", ".join(f"{mode} {r[-1]:.3f}" for mode, r in ratios.items()))
-                results[name] = {}
-                for mode, series in ratios.items():
-                    quartiles = statistics.quantiles(series, n=4) if len(series) > 1 else series * 3
-                    results[name][mode] = {"ratios": series, "median": statistics.median(series),
-                                           "q1": quartiles[0], "q3": quartiles[2]}
-                    log(f"  {name:16} {mode} / off, CPU per unit: median {statistics.median(series):.3f} "
-                        f"(quartiles {quartiles[0]:.3f}-{quartiles[2]:.3f}, {rounds} rounds)")
+        for name in ("new-connections", "http-keepalive"):
+            results[name] = side_by_side(name, peers, seconds, rounds,
+                                         lambda cpu: (cpu["off"] + cpu["off again"]) / 2, log)
+        for mode, path in files.items():  # that the logged ones did log: a line per connection
+            with open(path, "rb") as f:
+                results[f"{mode}_lines"] = f.read().count(b"\n")
+        log(f"  {'access-log':16} lines written: text {results['text_lines']}, json {results['json_lines']}")
     finally:
-        for _, proc in proxies.values():
-            stop(proc)  # which writes the last batch of lines
-        stop(backend)
-        try:
-            for mode in ("text", "json"):  # that the logged ones did log: a line per connection
-                with open(variants[mode][1], "rb") as f:
-                    results[f"{mode}_lines"] = f.read().count(b"\n")
-            log(f"  {'access-log':16} lines written: text {results['text_lines']}, "
-                f"json {results['json_lines']}")
-        finally:
-            shutil.rmtree(log_dir, ignore_errors=True)
+        shutil.rmtree(log_dir, ignore_errors=True)
     return results
 
 
@@ -432,19 +461,22 @@ def draw_chart(results: dict[str, Any], path: str) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parts = [*WORKLOADS, "idle-memory", "metrics", "access-log", "spawn", "many-ports"]
+    parts = [*WORKLOADS, "idle-memory", "metrics", "access-log", "side-by-side", "spawn", "many-ports"]
     parser.add_argument("--seconds", type=int, default=5, help="per workload and proxy")
     parser.add_argument("--only", action="append", default=[],
-                        help=f"workloads to run, comma-separated or repeated (default: all): {', '.join(parts)}")
+                        help=f"workloads to run, comma-separated or repeated (default: all but {', '.join(OPT_IN)}): "
+                             f"{', '.join(parts)}")
     parser.add_argument("--peers", default="",
                         help=f"peers to run, comma-separated (default: all): {', '.join(p.key() for p in PEERS)}")
     parser.add_argument("--idle-conns", type=int, default=1000)
-    parser.add_argument("--rounds", type=int, default=10, help="paired rounds of the access-log A/B")
+    parser.add_argument("--rounds", type=int, default=10,
+                        help="rounds of the side-by-side measures (access-log, side-by-side)")
     parser.add_argument("--many-ports", type=int, default=100, help="N for the many-ports memory test")
     parser.add_argument("--flood-bitrate", default=FLOOD_BITRATE,
                         help=f"iperf3 -b for the UDP flood of {FLOOD_SIZE}-byte datagrams (default {FLOOD_BITRATE})")
     args = parser.parse_args()
-    selected = [w for arg in args.only for w in arg.split(",") if w] or parts
+    # The side-by-side measures only when asked for (--only): their rounds double the run.
+    selected = [w for arg in args.only for w in arg.split(",") if w] or [p for p in parts if p not in OPT_IN]
     unknown = [w for w in selected if w not in parts]
     if unknown:
         parser.error(f"--only: no workload {', '.join(unknown)} (one of {', '.join(parts)})")
@@ -483,6 +515,8 @@ def main() -> int:
             results[name] = metrics_cost(args.seconds, 3, log)
         elif name == "access-log":
             results[name] = access_log_cost(args.seconds, args.rounds, log)
+        elif name == "side-by-side":
+            results[name] = peers_side_by_side(peers, args.seconds, args.rounds, log)
         elif name in ("spawn", "many-ports"):
             import manyports
 
