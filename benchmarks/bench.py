@@ -395,17 +395,21 @@ def table_rows(results: dict[str, Any]) -> list[Row]:
     if results.get("idle-memory"):
         mem = results["idle-memory"]
         rows.append(Row("idle KiB per connection", mem, mem.get("docker-proxy"), False))
-    # The spawn contract: pyproxy standalone and through the engine, both against docker-proxy's start.
+    # The spawn contract: pyproxy standalone, through the engine (and its native door), against docker-proxy's.
     for key, label in (("spawn", "spawn to 0\\n ms"), ("many-ports", "many ports, total PSS MiB")):
         kinds = results.get(key) or {}
         values = {n: kinds[n] for n in ("docker-proxy", "pyproxy") if n in kinds}
         bars = {bar: kinds[n] for n, bar in (("docker-proxy", "docker-proxy"), ("pyproxy", "pyproxy standalone"),
-                                              ("pyproxy engine", "pyproxy engine")) if n in kinds}
+                                              ("pyproxy engine", "pyproxy engine"),
+                                              ("pyproxy door", "pyproxy-door")) if n in kinds}
         if values:  # its chart panel shows the engine's bar too
             rows.append(Row(f"{label}, standalone", values, kinds.get("docker-proxy"), False, chart_values=bars))
         if "pyproxy engine" in kinds:
             rows.append(Row(f"{label}, via engine", {"pyproxy": kinds["pyproxy engine"]}, kinds.get("docker-proxy"),
                             False, chart=not values))
+        if "pyproxy door" in kinds:  # spawn only: the same engine, entered by the native door
+            rows.append(Row(f"{label}, via pyproxy-door", {"pyproxy": kinds["pyproxy door"]},
+                            kinds.get("docker-proxy"), False, chart=False))
     return rows
 
 

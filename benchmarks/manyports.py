@@ -42,6 +42,9 @@ SPAWN_TIMEOUT = 60.0  # for one batch's "0\n"s: an interpreter per port on a loa
 STOP_TIMEOUT = 30.0
 SETTLE = 1.0  # after the last "0\n": lazy start-up work (the workers' first reports) is done
 KINDS = ("docker-proxy", "pyproxy", "pyproxy engine")  # "pyproxy": standalone
+# Spawn times also through pyproxy-door (installed beside pyproxy on x86-64): the native front
+# door, registering with the same engine as "pyproxy engine" (its memory is that run's).
+DOOR = "pyproxy door"
 # smaps_rollup fields reported per process kind (KiB)
 FIELDS = ("Pss", "Pss_Anon", "Pss_File", "Private_Dirty")
 
@@ -129,10 +132,11 @@ class Run:
         return f"{self.kind} -workers {self.workers}" if self.workers else self.kind
 
     def env(self) -> dict[str, str]:
-        return {**os.environ, "PYPROXY_ENGINE_SOCKET": self.socket if self.kind == "pyproxy engine" else ""}
+        engine = self.kind in ("pyproxy engine", DOOR)
+        return {**os.environ, "PYPROXY_ENGINE_SOCKET": self.socket if engine else ""}
 
     def command(self, port: int) -> list[str]:
-        binary = DOCKER_PROXY if self.kind == "docker-proxy" else self.pyproxy
+        binary = {"docker-proxy": DOCKER_PROXY, DOOR: door_beside(self.pyproxy)}.get(self.kind, self.pyproxy)
         return [binary, "-proto", "tcp", "-host-ip", "127.0.0.1", "-host-port", str(port),
                 "-container-ip", "127.0.0.1", "-container-port", "9"]
 
@@ -230,13 +234,18 @@ def many_ports(count: int, log: Callable[[str], None]) -> dict[str, float]:
     return {name: result["pss_mib"] for name, result in results.items()}
 
 
+def door_beside(pyproxy: str) -> str:
+    return os.path.join(os.path.dirname(pyproxy), "pyproxy-door")
+
+
 def spawn_latency(runs: int, log: Callable[[str], None], pyproxy: str = PYPROXY) -> dict[str, float]:
-    """Median spawn-to-"0\\n" of one port at a time (the engine with its default workers). The
-    kinds take turns spawn by spawn (every engine started first), so a minute in which the
-    shared host is slow slows them all: one kind after the other, wall times moved up to 2×
-    between minutes here."""
+    """Median spawn-to-"0\\n" of one port at a time (the engine with its default workers), and
+    through pyproxy-door where it is installed. The kinds take turns spawn by spawn (the
+    engine started first), so a minute in which the shared host is slow slows them all: one
+    kind after the other, wall times moved up to 2× between minutes here."""
     results: dict[str, float] = {}
-    kinds = [Run(kind, pyproxy) for kind in KINDS]
+    door = os.access(door_beside(pyproxy), os.X_OK)
+    kinds = [Run(kind, pyproxy) for kind in (*KINDS, *([DOOR] if door else []))]
     times: dict[str, list[float]] = {run.kind: [] for run in kinds}
     try:
         for run in kinds:
@@ -258,6 +267,8 @@ def spawn_latency(runs: int, log: Callable[[str], None], pyproxy: str = PYPROXY)
             f"fastest {min(times[run.kind]):.1f})")
     if results.get("docker-proxy"):
         results["engine_vs_docker_proxy"] = results["pyproxy engine"] / results["docker-proxy"]
+        if door:
+            results["door_vs_docker_proxy"] = results[DOOR] / results["docker-proxy"]
     return results
 
 
