@@ -1,5 +1,6 @@
-"""pyproxy as the userland proxy of a real dockerd 20.10, standalone and through the engine
-(with two worker processes, one of which a test kills)."""
+"""pyproxy as the userland proxy of a real dockerd 20.10, standalone, through the engine
+(with two worker processes, one of which a test kills), and through the engine entered by
+pyproxy-door, the native front door."""
 
 from __future__ import annotations
 
@@ -25,22 +26,27 @@ pytestmark = [
 ]
 
 PYPROXY = os.path.join(os.path.dirname(sys.executable), "pyproxy")  # the installed console script
+# The native front door, installed beside it on x86-64: dockerd spawns it, it registers with
+# the engine itself (anything else goes on to the pyproxy beside it).
+DOOR = os.path.join(os.path.dirname(sys.executable), "pyproxy-door")
 
 
-@pytest.fixture(scope="module", params=["standalone", "engine"])
+@pytest.fixture(scope="module", params=["standalone", "engine", "door"])
 def lab(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[DockerLab]:
+    if request.param == "door" and not os.access(DOOR, os.X_OK):
+        pytest.skip(f"no pyproxy-door installed beside {PYPROXY} (x86-64 only)")
     # The console script imports whichever pyproxy is installed; PYTHONPATH makes dockerd's
     # spawns run this checkout, as the engine below does.
     env = {"PYPROXY_ENGINE_SOCKET": "", "PYTHONPATH": REPO}
     engine = None
-    if request.param == "engine":
+    if request.param in ("engine", "door"):
         path = str(tmp_path_factory.mktemp("engine") / "engine.sock")
         # Two workers whatever the CPUs (the default, auto, gives as many as there are):
         # test_killed_worker_... kills one while the other must serve.
         engine = Proxy(["-engine", "-engine-socket", path, "-workers", "2"])
         Proxy.started.remove(engine)  # lives for the module, not one test
         env = {**env, "PYPROXY_ENGINE_SOCKET": path}
-    lab = DockerLab(PYPROXY, env=env)
+    lab = DockerLab(DOOR if request.param == "door" else PYPROXY, env=env)
     lab.mode = request.param  # type: ignore[attr-defined]
     lab.engine = engine  # type: ignore[attr-defined]
     try:
@@ -117,6 +123,11 @@ def test_tcp_published_ports_reach_the_container(lab: DockerLab) -> None:
                        if a and a[0].startswith("pyproxy-wait ")}
             for host_ip, port in (("127.0.0.1", p), ("0.0.0.0", q), ("[::]", q)):
                 assert f"pyproxy-wait 80/tcp -> {host_ip}:{port}" in waiters, waiters
+            if lab.mode == "door":  # type: ignore[attr-defined]
+                # registered by the door itself, which became the waiter: no Python in between
+                # (the Python pyproxy would have exec'd the package's pyproxy-wait)
+                for pid in waiter_pids(p) | waiter_pids(q):
+                    assert os.readlink(f"/proc/{pid}/exe") == os.path.realpath(DOOR)
         # docker stop: pyproxy exits on dockerd's SIGINT at once, and every port is free after
         started = time.monotonic()
         lab.docker("stop", "-t", "0", "web")
@@ -193,7 +204,7 @@ def test_killed_worker_loses_no_client_and_no_spawned_process(lab: DockerLab) ->
     """kill -9 of one of the engine's two workers between two GETs: the next GETs are served
     (the supervisor keeps the listening socket, the other worker accepts), the worker comes
     back, nothing dockerd spawned exits, and `docker rm -f` still frees the port."""
-    if lab.mode != "engine":  # type: ignore[attr-defined]
+    if lab.engine is None:  # type: ignore[attr-defined]
         pytest.skip("workers are the engine's")
     engine = lab.engine  # type: ignore[attr-defined]
     p = free_port()
