@@ -518,10 +518,15 @@ def _not_now(signum: int, frame: object) -> None:
 
 
 def catch_stop_signals() -> None:
-    """Stop signals end start-up with exit 0 (no traceback, no death by signal)."""
+    """Stop signals end start-up with exit 0 (no traceback, no death by signal).
+
+    Then they are unblocked: pyproxy-door (and any parent that blocks them around its exec)
+    execs us with them blocked, so that no instant is left in which one ends the process by
+    its default action; one pending since then runs _stop_now here, now."""
     _signal.signal(_signal.SIGINT, _stop_now)
     _signal.signal(_signal.SIGTERM, _stop_now)
     _signal.signal(_signal.SIGHUP, _not_now)
+    _signal.pthread_sigmask(_signal.SIG_UNBLOCK, _STOP_SIGNALS)
 
 
 def hand_over(engine: _socket.socket, argv: Sequence[str], status: StatusPipe,
