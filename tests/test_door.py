@@ -31,6 +31,7 @@ from proxy import __version__
 from proxy.ground.wire import pyproxy_command
 from proxy.handover import REATTACH_FLAG, WAIT_SHELL_ENV, waiter_binary
 from tests.helpers import (
+    PROXY_CWD,
     REPO,
     STOPS,
     EchoBackend,
@@ -228,8 +229,8 @@ def test_what_is_not_a_plain_registration_falls_back(door, engine, how):
         args += ["--engine-socket", path]
     elif how == "engine-socket-empty":  # never an engine: standalone
         env["PYPROXY_ENGINE_SOCKET"] = ""
-    elif how == "relative-path":  # Python connects to it relative to its cwd (the repo): none
-        env["PYPROXY_ENGINE_SOCKET"] = os.path.relpath(path, REPO)
+    elif how == "relative-path":  # Python connects to it relative to its cwd
+        env["PYPROXY_ENGINE_SOCKET"] = os.path.relpath(path, PROXY_CWD)
     else:  # no argv[1]: Python's usage error
         p = door.proxy([], env=env, wait_ready=False)
         assert p.proc.wait(timeout=10) == 2 and p.status.startswith(b"1\n")
