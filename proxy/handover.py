@@ -90,7 +90,7 @@ WAITER_LOOP = "while read -r line; do :; done; "
 # After EOF: with sockets held, exec pyproxy to re-attach (fds 0 and 1, the dead connection,
 # become /dev/null); with none, there is nothing to keep, so exit.
 WAITER_GIVE_UP = "exit 1"
-# The binary's argv[1]: whether it answers on fd 3 (only its first byte is read).
+# The binary's argv[1]: whether it answers on fd 3; exactly one of these (any other is pyproxy-door).
 WAITER_ANSWERS, WAITER_SILENT = "ready", "-"
 _STOP_SIGNALS = {_signal.SIGINT, _signal.SIGTERM}
 # argv[1] of the re-attaching pyproxy: "-engine-reattach=FD,FD,..." then the original argv.

@@ -7,8 +7,8 @@
 #
 #   argv[0]   the title `ps` shows (pyproxy-wait <mapping>...): not read here
 #   argv[1]   "ready": write "0\n" on fd 3 once the stop signals are handled, then close it;
-#             "-": fd 3 is not ours (a re-attach: it may be a held socket). Only the first
-#             byte is looked at.
+#             "-": fd 3 is not ours (a re-attach: it may be a held socket). Exactly one
+#             of the two: any other argv[1] is pyproxy-door's (see below).
 #   argv[2..] the command that re-attaches, exec'd once the engine connection ends: argv[2]
 #             is both the program's path and its argv[0], as in the shell's `exec 'python'
 #             ...`; absent: exit 1 then.
