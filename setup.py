@@ -21,6 +21,7 @@ import tempfile
 from typing import Any
 
 from setuptools import setup
+from setuptools.dist import Distribution
 
 # Compiled: what runs per TCP connection and per read, per UDP datagram (its Flow a plain
 # class and its constants Final, so that compiled code reads them directly: −16 % user-space
@@ -62,4 +63,25 @@ def compiled() -> dict[str, Any]:
                                         target_dir=os.path.join(BUILD, "mypyc"))}
 
 
-setup(options={"build": {"build_base": BUILD}}, **compiled())
+# setuptools' own build_scripts (its copy of distutils'), found as setup() would find it.
+_build_scripts: Any = Distribution().get_command_class("build_scripts")
+
+
+class BuildScripts(_build_scripts):  # type: ignore[misc, valid-type]
+    """bin/pyproxy-door is machine code (proxy/waiter/), not a script: build_scripts reads
+    each script as Python source (tokenize.open, to rewrite a #!python line) and fails on an
+    ELF file. A file that does not start with "#!" is copied byte for byte; pip installs it
+    as it is too (it rewrites only a first line of "#!python")."""
+
+    def _copy_script(self, script: str, outfiles: list[str], updated_files: list[str]) -> None:
+        with open(script, "rb") as f:
+            if f.read(2) == b"#!":
+                return super()._copy_script(script, outfiles, updated_files)  # type: ignore[no-any-return]
+        outfile = os.path.join(self.build_dir, os.path.basename(script))
+        outfiles.append(outfile)
+        updated_files.append(outfile)
+        self.copy_file(script, outfile)  # the content (a symlink followed), made 0755 later
+
+
+setup(options={"build": {"build_base": BUILD}}, cmdclass={"build_scripts": BuildScripts},
+      **compiled())

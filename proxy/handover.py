@@ -5,7 +5,7 @@ dockerd spawns one pyproxy per published port. When a pyproxy engine is running
 (`pyproxy -engine`), this process checks that the engine is ours (root or our uid, in a
 directory only they can write), sends it the command line (and the fd 4 socket dockerd
 passed, with -use-listen-fd), then replaces itself with a tiny waiter holding the engine
-connection, not a Python interpreter: pyproxy-wait, under 1 KiB of static machine code
+connection, not a Python interpreter: pyproxy-wait, a few KiB of static machine code
 shipped in proxy/waiter/ (~8 KiB of PSS), or where there is none for this machine a shell
 (~65 KiB of PSS with a static busybox, ~115 with dash). The waiter handles its stop signals
 and only then writes "0\\n" on fd 3, so what dockerd reads is true of the process it will
@@ -58,11 +58,13 @@ if TYPE_CHECKING:
     from collections.abc import Sequence
 
 # The waiter program. What a waiter costs is the pages it writes (PSS, one waiter per
-# published port), so the first choice is pyproxy-wait, the shell program below in under
-# 1 KiB of statically linked machine code with no libc (proxy/waiter/, one binary per
+# published port), so the first choice is pyproxy-wait, the shell program below in a few
+# KiB of statically linked machine code with no libc (proxy/waiter/, one binary per
 # machine, as `uname -m` names it; built from its source by proxy/waiter/build.sh and shipped
 # as package data): its stack page and page tables, ~8 KiB. Its argv carries what the script
 # says: [title, "ready" (write "0\n" on fd 3) or "-", the re-attach command's words...].
+# Any other argv[1] makes the same binary pyproxy-door (bin/, door_x86_64.c): this module's
+# hand-over done natively, which execs itself as the waiter with that argv.
 WAITER_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "waiter")
 WAITER_BINARY = "pyproxy-wait"
 # Where there is no binary for this machine (or it is not executable, or PYPROXY_WAIT_SHELL
@@ -88,7 +90,7 @@ WAITER_LOOP = "while read -r line; do :; done; "
 # After EOF: with sockets held, exec pyproxy to re-attach (fds 0 and 1, the dead connection,
 # become /dev/null); with none, there is nothing to keep, so exit.
 WAITER_GIVE_UP = "exit 1"
-# The binary's argv[1]: whether it answers on fd 3 (only its first byte is read).
+# The binary's argv[1]: whether it answers on fd 3; exactly one of these (any other is pyproxy-door).
 WAITER_ANSWERS, WAITER_SILENT = "ready", "-"
 _STOP_SIGNALS = {_signal.SIGINT, _signal.SIGTERM}
 # argv[1] of the re-attaching pyproxy: "-engine-reattach=FD,FD,..." then the original argv.
@@ -518,10 +520,15 @@ def _not_now(signum: int, frame: object) -> None:
 
 
 def catch_stop_signals() -> None:
-    """Stop signals end start-up with exit 0 (no traceback, no death by signal)."""
+    """Stop signals end start-up with exit 0 (no traceback, no death by signal).
+
+    Then they are unblocked: pyproxy-door (and any parent that blocks them around its exec)
+    execs us with them blocked, so that no instant is left in which one ends the process by
+    its default action; one pending since then runs _stop_now here, now."""
     _signal.signal(_signal.SIGINT, _stop_now)
     _signal.signal(_signal.SIGTERM, _stop_now)
     _signal.signal(_signal.SIGHUP, _not_now)
+    _signal.pthread_sigmask(_signal.SIG_UNBLOCK, _STOP_SIGNALS)
 
 
 def hand_over(engine: _socket.socket, argv: Sequence[str], status: StatusPipe,

@@ -118,10 +118,10 @@ class Proxy:
 
     def __init__(self, args: list[str], *, pass_fds: dict[int, int] | None = None,
                  env: dict[str, str] | None = None, preexec=None, wait_ready: bool = True,
-                 prefix: list[str] | None = None) -> None:
+                 prefix: list[str] | None = None, command: list[str] | None = None) -> None:
         read_end, write_end = os.pipe()
         fds = {3: write_end, **(pass_fds or {})}
-        self.proc = spawn(args, fds, env=env, preexec=preexec, prefix=prefix)
+        self.proc = spawn(args, fds, env=env, preexec=preexec, prefix=prefix, command=command)
         SPAWNED.remove(self.proc)  # a Proxy is reaped through Proxy.started
         Proxy.started.append(self)
         os.close(write_end)

@@ -372,6 +372,30 @@ def test_a_stop_at_any_moment_of_a_handover_into_pyproxy_wait(engine, signum):
                 proc.wait()
 
 
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_stop_pending_from_a_parent_that_blocked_it_exits_0(signum):
+    """pyproxy-door execs pyproxy with the stop signals blocked (and any parent may): the
+    first line unblocks them once its handlers are set, so a stop pending since before the
+    exec exits 0 there, and one sent later is not held back for good (it was, before)."""
+    for pending in (True, False):
+        read_end, write_end = os.pipe()
+        proc = spawn(docker_args(free_port(), 9), {3: write_end},
+                     preexec=lambda: signal.pthread_sigmask(signal.SIG_BLOCK, {signum}))
+        os.close(write_end)
+        try:
+            if pending:
+                proc.send_signal(signum)  # Popen returned: it is exec'd, the signal blocked
+            else:
+                assert read_status(read_end, timeout=20) == b"0\n"
+                proc.send_signal(signum)
+            assert proc.wait(timeout=10) == 0
+            if pending:
+                assert read_status(read_end) == b""  # stopped at its first line
+            assert b"Traceback" not in output(proc)[1]
+        finally:
+            os.close(read_end)
+
+
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
 def test_a_signal_right_after_ready(signum, proxy_loop_env):
     """The handlers are in place before "0\\n": a stop right after it exits 0, SIGHUP (a log

@@ -82,14 +82,34 @@ def waiters():
 
 # -- the binary is its source ----------------------------------------------------------------
 
-@pytest.mark.skipif(not (shutil.which("as") and shutil.which("ld")),
-                    reason="needs GNU as and ld (Debian: binutils) to rebuild pyproxy-wait")
-@pytest.mark.skipif(os.uname().machine != "x86_64", reason="built by x86-64 binutils")
+BUILD_SH = os.path.join(REPO, "proxy", "waiter", "build.sh")
+
+
+def toolchain_mismatch() -> str | None:
+    """Why this machine cannot rebuild the committed binary byte for byte, None if it can:
+    GNU as, ld and gcc, at the versions build.sh records (another may lay the file out
+    differently)."""
+    if os.uname().machine != "x86_64":
+        return "built by x86-64 binutils and gcc"
+    if not (shutil.which("as") and shutil.which("ld") and shutil.which("gcc")):
+        return "needs GNU as, ld and gcc (Debian: binutils, gcc) to rebuild pyproxy-wait"
+    with open(BUILD_SH) as f:
+        recorded = dict(line.strip("# \n").split("=") for line in f
+                        if line.startswith(("#   BINUTILS_VERSION=", "#   GCC_VERSION=")))
+    here = {"BINUTILS_VERSION": subprocess.run(["as", "--version"], capture_output=True, text=True,
+                                               check=False).stdout.split("\n")[0].split()[-1],
+            "GCC_VERSION": subprocess.run(["gcc", "-dumpfullversion"], capture_output=True,
+                                          text=True, check=False).stdout.strip()}
+    if here != recorded:
+        return f"build.sh records {recorded}, this machine has {here}"
+    return None
+
+
+@pytest.mark.skipif(toolchain_mismatch() is not None, reason=str(toolchain_mismatch()))
 def test_the_committed_binary_is_what_its_source_builds_to(tmp_path):
     """proxy/waiter/build.sh from the checkout's source, byte for byte the binary committed
     (and, on an installed build, the one installed)."""
-    subprocess.run(["sh", os.path.join(REPO, "proxy", "waiter", "build.sh"), str(tmp_path)],
-                   check=True, timeout=60)
+    subprocess.run(["sh", BUILD_SH, str(tmp_path)], check=True, timeout=60)
     built = (tmp_path / "x86_64" / "pyproxy-wait").read_bytes()
     committed = os.path.join(REPO, "proxy", "waiter", "x86_64", "pyproxy-wait")
     with open(committed, "rb") as f:
@@ -103,11 +123,36 @@ def test_the_committed_binary_is_what_its_source_builds_to(tmp_path):
 
 @needs_binary
 def test_it_is_static_and_tiny():
-    """No program interpreter, no libc: what a waiter costs is its stack page."""
+    """No program interpreter, no libc, one read-only segment (no data to write): what a
+    waiter costs is its stack page. The front door (pyproxy-door) is most of its bytes."""
     from proxy.handover import statically_linked
 
     assert BINARY is not None and statically_linked(BINARY)
-    assert os.path.getsize(BINARY) < 4096
+    assert os.path.getsize(BINARY) < 8192
+    with open(BINARY, "rb") as f:
+        head = f.read(64)
+        offset, size, count = (int.from_bytes(head[32:40], "little"),
+                               int.from_bytes(head[54:56], "little"), int.from_bytes(head[56:58], "little"))
+        f.seek(offset)
+        table = f.read(size * count)
+    loads = [table[i:i + size] for i in range(0, size * count, size)
+             if int.from_bytes(table[i:i + 4], "little") == 1]  # PT_LOAD
+    [load] = loads
+    assert int.from_bytes(load[4:8], "little") == 5  # PF_R | PF_X: nothing writable
+
+
+@needs_binary
+@pytest.mark.parametrize("word", ["rea", "readyx", "-x", "--", "", "r"])
+def test_only_ready_or_dash_as_argv1_is_the_waiter(word):
+    """Any other argv[1] is the front door, which falls back to the pyproxy beside it: none
+    beside the package's binary, so it says so and exits 1."""
+    engine, theirs = socket.socketpair()
+    proc = subprocess.run([BINARY, word], stdin=theirs, stdout=theirs, capture_output=False,
+                          stderr=subprocess.PIPE, timeout=10, check=False)
+    theirs.close()
+    engine.close()
+    assert proc.returncode == 1
+    assert proc.stderr.startswith(b"pyproxy: pyproxy-door: cannot run ")
 
 
 # -- what it does, from its start to its end -------------------------------------------------

@@ -7,8 +7,8 @@
 #
 #   argv[0]   the title `ps` shows (pyproxy-wait <mapping>...): not read here
 #   argv[1]   "ready": write "0\n" on fd 3 once the stop signals are handled, then close it;
-#             "-": fd 3 is not ours (a re-attach: it may be a held socket). Only the first
-#             byte is looked at.
+#             "-": fd 3 is not ours (a re-attach: it may be a held socket). Exactly one
+#             of the two: any other argv[1] is pyproxy-door's (see below).
 #   argv[2..] the command that re-attaches, exec'd once the engine connection ends: argv[2]
 #             is both the program's path and its argv[0], as in the shell's `exec 'python'
 #             ...`; absent: exit 1 then.
@@ -26,8 +26,11 @@
 # CPython ignores SIGPIPE, and an exec keeps what is ignored), and the mask is given back
 # unblocked before any execve, since a mask survives an exec.
 #
-# Build: proxy/waiter/build.sh (as + ld, deterministic); tests/test_waiter.py checks that the
-# committed binary is what this source builds to.
+# The same binary is pyproxy-door (installed as bin/pyproxy-door): with any other argv[1],
+# _start hands over to door_main (door_x86_64.c) once the stop signals are blocked.
+#
+# Build: proxy/waiter/build.sh (as + gcc + ld, deterministic); tests/test_waiter.py checks
+# that the committed binary is what this source builds to.
 
     .set SYS_read, 0
     .set SYS_write, 1
@@ -71,6 +74,27 @@ _start:
     mov     (%rsp), %r12                # argc
     lea     8(%rsp), %r13               # argv
     lea     16(%rsp,%r12,8), %r14       # envp: past argv's terminating NULL
+
+    # argv[1] exactly "ready" or "-": the waiter, below. Anything else (or no argv[1]): the
+    # front door (door_x86_64.c), with the stop signals still blocked; it never returns.
+    # The loads may read past a short argv[1] into the next strings on the stack, never past
+    # its end (the program's path and a NULL word close it).
+    cmp     $2, %r12
+    jb      door
+    mov     8(%r13), %rax               # argv[1]
+    cmpw    $'-', (%rax)                # "-\0"
+    je      waiter
+    cmpl    $0x64616572, (%rax)         # "read"
+    jne     door
+    cmpw    $'y', 4(%rax)               # "y\0"
+    je      waiter
+door:
+    mov     %r12, %rdi                  # door_main(argc, argv, envp), %rsp as the kernel left
+    mov     %r13, %rsi                  # it: 16-byte aligned before the call, as the ABI wants
+    mov     %r14, %rdx
+    call    door_main
+
+waiter:
     sub     $BUFFER, %rsp               # the read buffer, below what the kernel put there
 
     # The handler for both stop signals (the trap of the shell program).
