@@ -39,6 +39,7 @@ from tests.helpers import (
     docker_args,
     exchange,
     free_port,
+    mask,
     output,
     read_status,
     reattaching,
@@ -128,6 +129,8 @@ def test_a_registration_through_the_door_makes_it_the_waiter(door, engine, use_l
         assert fds_now[0] == fds_now[1] and fds_now[0].startswith("socket:")
         # "0\n" goes out with them still blocked: a stop meanwhile waits for the handler
         until(lambda: signal_mask(p.proc.pid, "SigBlk") & STOPS == 0, within=5)
+        # SIGPIPE ignored, as in a waiter that CPython exec'd (spawned here with it default)
+        assert signal_mask(p.proc.pid, "SigIgn") & mask(signal.SIGPIPE)
         assert exchange("127.0.0.1", port) == b"ping"
         p.proc.send_signal(signal.SIGTERM)
         assert p.proc.wait(timeout=5) == 0

@@ -43,6 +43,7 @@ typedef long ssize_t;
 #define SYS_readlink 89
 #define SYS_geteuid 107
 #define SYS_exit_group 231
+#define SYS_rt_sigaction 13
 
 #define EINTR 4
 #define ENOENT 2
@@ -61,6 +62,9 @@ typedef long ssize_t;
 #define S_IFMT 0170000
 #define S_IFIFO 0010000
 #define S_IFSOCK 0140000
+
+#define SIGPIPE 13
+#define SIG_IGN 1
 
 #define STATUS_FD 3
 #define LISTEN_FD 4
@@ -434,6 +438,13 @@ static void title(char *to, const char *body, size_t n)
 
 __attribute__((noreturn, used)) void door_main(long argc, char **argv, char **envp)
 {
+    /* SIGPIPE ignored, as CPython has it: a write to a reader that went away (fd 1, or the
+     * waiter's "0\n" on fd 3 after dockerd gave up) fails with EPIPE instead of ending the
+     * process by the signal, and the waiter, which keeps what is ignored across the exec,
+     * behaves the same whichever of us exec'd it. (struct sigaction as the kernel takes it:
+     * handler, flags, restorer, mask.) */
+    unsigned long ignore[4] = { SIG_IGN, 0, 0, 0 };
+    sys5(SYS_rt_sigaction, SIGPIPE, (long)ignore, 0, 8, 0);
     /* fd 3 and fd 4 as our parent left them, before anything here opens a descriptor. */
     int mode = mode_of(STATUS_FD);
     int attached = mode == S_IFIFO || mode == S_IFSOCK;
