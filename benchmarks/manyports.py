@@ -152,7 +152,7 @@ class Run:
         self.engine = proc
 
     def spawn(self, count: int, batch: int) -> None:
-        if self.kind == "pyproxy engine":
+        if self.kind in ("pyproxy engine", DOOR):  # the door's run: an engine of its own
             self.start_engine()
         used: set[int] = set()
         while len(self.procs) < count:
@@ -278,20 +278,22 @@ def main() -> int:
     parser.add_argument("--workers", default="0",
                         help="comma-separated -workers values, a run of the engine each; 0: its default")
     parser.add_argument("--kinds", default=",".join(KINDS),
-                        help=f"comma-separated, any of: {','.join(KINDS)} (pyproxy: standalone)")
+                        help=f"comma-separated, any of: {','.join((*KINDS, DOOR))} (pyproxy: standalone; "
+                             f"{DOOR}: spawned through pyproxy-door, beside --pyproxy)")
     parser.add_argument("--batch", type=int, default=20, help="spawns in flight at once")
     parser.add_argument("--runs", type=int, default=20, help="spawns timed one by one; 0: none")
     parser.add_argument("--pyproxy", default=PYPROXY, help="the pyproxy command measured")
     parser.add_argument("--checkout", help="measure this checkout's proxy/ instead of --pyproxy")
     args = parser.parse_args()
     kinds = args.kinds.split(",")
-    if not set(kinds) <= set(KINDS):
-        parser.error(f"--kinds: not among {','.join(KINDS)}: {args.kinds}")
+    if not set(kinds) <= {*KINDS, DOOR}:
+        parser.error(f"--kinds: not among {','.join((*KINDS, DOOR))}: {args.kinds}")
     raise_nofile_limit()
     pyproxy = checkout_launcher(args.checkout) if args.checkout else args.pyproxy
-    runs = [Run(kind, pyproxy) for kind in kinds if kind != "pyproxy engine"]
-    if "pyproxy engine" in kinds:
-        runs += [Run("pyproxy engine", pyproxy, int(w)) for w in args.workers.split(",")]
+    runs = [Run(kind, pyproxy) for kind in kinds if kind not in ("pyproxy engine", DOOR)]
+    for kind in ("pyproxy engine", DOOR):
+        if kind in kinds:
+            runs += [Run(kind, pyproxy, int(w)) for w in args.workers.split(",")]
     measure(args.ports, runs, args.batch, print)
     if args.runs:
         spawn_latency(args.runs, print, pyproxy)
