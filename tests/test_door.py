@@ -404,6 +404,92 @@ def test_a_stop_at_any_moment_from_spawn_on_exits_0_and_frees_the_port(door, eng
             os.close(read_end)
 
 
+# -- an engine that takes the connection but never answers ----------------------------------
+
+def in_system_call(pid: int, number: int) -> bool:
+    """The process is blocked in system call `number` (x86-64's numbering)."""
+    try:
+        with open(f"/proc/{pid}/syscall") as f:
+            return f.read().split()[0] == str(number)
+    except (OSError, IndexError):
+        return False
+
+
+_POLL, _CONNECT = 7, 42
+
+
+def test_a_stop_while_the_engine_never_answers_still_exits_0(door, tmp_path):
+    """An engine that accepted the connection (or whose backlog did: stopped, wedged) and never
+    answers: the door waits for the answer with the stop signals blocked, so it must hear them
+    another way, or a stop would leave it unkillable but by SIGKILL (and dockerd, which waits
+    for the process it interrupted, waiting with it). It asks the engine to release, as
+    Python's _stop_now does, and exits 0 within handover.STOP_TIMEOUT."""
+    path = str(tmp_path / "engine.sock")
+    silent = socket.socket(socket.AF_UNIX)
+    silent.bind(path)
+    silent.listen()
+    read_end, write_end = os.pipe()
+    proc = spawn(docker_args(free_port(), 9), {3: write_end}, env={"PYPROXY_ENGINE_SOCKET": path},
+                 command=[door.path])
+    os.close(write_end)
+    try:
+        conn, _ = silent.accept()
+        conn.settimeout(10)
+        request = b""
+        while not request.endswith(b"\0"):  # the whole registration
+            request += conn.recv(65536)
+        until(lambda: in_system_call(proc.pid, _POLL), within=5)
+        assert door.is_its_waiter(proc.pid)  # still the door: it never fell back to Python
+        proc.send_signal(signal.SIGTERM)
+        assert conn.recv(64) == b"stop\n"  # release the port, if you hold it
+        conn.close()  # as the engine closes once it has released
+        assert proc.wait(timeout=5) == 0
+        assert read_status(read_end) == b""  # nothing said to the runtime
+    finally:
+        os.close(read_end)
+        silent.close()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_a_stop_while_the_engines_backlog_is_full_still_exits_0(door, tmp_path):
+    """A connect to a full backlog would block: the door does not wait there with the stop
+    signals blocked, it goes on to Python, whose connect a stop interrupts (exit 0)."""
+    path = str(tmp_path / "engine.sock")
+    stuck = socket.socket(socket.AF_UNIX)
+    stuck.bind(path)
+    stuck.listen(0)
+    queued = []
+    try:
+        while True:  # fill the backlog
+            client = socket.socket(socket.AF_UNIX)
+            client.setblocking(False)
+            queued.append(client)
+            client.connect(path)
+    except BlockingIOError:
+        pass
+    read_end, write_end = os.pipe()
+    proc = spawn(docker_args(free_port(), 9), {3: write_end}, env={"PYPROXY_ENGINE_SOCKET": path},
+                 command=[door.path])
+    os.close(write_end)
+    try:
+        until(lambda: in_system_call(proc.pid, _CONNECT), within=10)  # Python's, blocked
+        assert not door.is_its_waiter(proc.pid)  # the door went on to Python
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=5) == 0
+        assert read_status(read_end) == b""
+        assert b"Traceback" not in output(proc)[1]
+    finally:
+        os.close(read_end)
+        for client in queued:
+            client.close()
+        stuck.close()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 # -- the engine goes away -------------------------------------------------------------------
 
 def test_engine_killed_the_doors_waiters_reattach_through_pyproxy_beside_it(door, tmp_path,

@@ -44,6 +44,9 @@ typedef long ssize_t;
 #define SYS_geteuid 107
 #define SYS_exit_group 231
 #define SYS_rt_sigaction 13
+#define SYS_poll 7
+#define SYS_sendto 44
+#define SYS_signalfd4 289
 
 #define EINTR 4
 #define ENOENT 2
@@ -53,11 +56,13 @@ typedef long ssize_t;
 #define AF_UNIX 1
 #define SOCK_STREAM 1
 #define SOCK_CLOEXEC 02000000
+#define SOCK_NONBLOCK 04000
 #define SOL_SOCKET 1
 #define SCM_RIGHTS 1
 #define SO_PEERCRED 17
 #define MSG_NOSIGNAL 0x4000
 #define F_SETFD 2
+#define F_SETFL 4
 #define FD_CLOEXEC 1
 #define S_IFMT 0170000
 #define S_IFIFO 0010000
@@ -65,6 +70,11 @@ typedef long ssize_t;
 
 #define SIGPIPE 13
 #define SIG_IGN 1
+#define SIGINT 2
+#define SIGTERM 15
+#define SFD_CLOEXEC 02000000
+#define POLLIN 1
+#define STOP_TIMEOUT_MS 2000 /* handover.STOP_TIMEOUT */
 
 #define STATUS_FD 3
 #define LISTEN_FD 4
@@ -306,7 +316,10 @@ static int connect_engine(const char *path)
 {
     struct { unsigned short family; char path[SUN_PATH]; } address;
     size_t n = length(path);
-    int conn = (int)sys3(SYS_socket, AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    /* Non-blocking for the connect only: with the engine's backlog full (an engine stopped or
+     * wedged, and spawns piling up), a blocking connect would wait with the stop signals
+     * blocked, for ever; EAGAIN then goes on to Python, whose connect a stop interrupts. */
+    int conn = (int)sys3(SYS_socket, AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
     if (conn < 0)
         return -1;
     address.family = AF_UNIX;
@@ -315,7 +328,8 @@ static int connect_engine(const char *path)
     do
         done = sys3(SYS_connect, conn, (long)&address, (long)(2 + n + 1));
     while (done == -EINTR);
-    if (done < 0 || !trusted(conn, path)) {
+    /* blocking again: the waiter's fds 0 and 1 will share this file's flags */
+    if (done < 0 || sys3(SYS_fcntl, conn, F_SETFL, 0) < 0 || !trusted(conn, path)) {
         sys3(SYS_close, conn, 0, 0);
         return -1;
     }
@@ -369,14 +383,61 @@ static int send_request(int conn, const char *p, size_t n, int listen_fd)
     return 1;
 }
 
+struct pollfd { int fd; short events, revents; };
+
+/* The stop signals, still blocked, as a descriptor that becomes readable when one is pending:
+ * how the door hears a stop while it waits for the engine's answer without a handler of its
+ * own (and a handler needs a restorer, and makes every system call interruptible). */
+static int stop_signals(void)
+{
+    unsigned long set = (1UL << (SIGINT - 1)) | (1UL << (SIGTERM - 1));
+    return (int)sys5(SYS_signalfd4, -1, (long)&set, 8, SFD_CLOEXEC, 0);
+}
+
+/* A stop came after the request went out, as handover._stop_now: the engine may hold the port
+ * for us already, so ask it to release, read its answer to EOF (STOP_TIMEOUT_MS for each
+ * read), exit 0. Without this, an engine that accepted but never answers (stopped, wedged)
+ * would leave the door unkillable but by SIGKILL, and dockerd, which waits for the process it
+ * interrupted, with it. */
+static __attribute__((noreturn)) void stop_now(int conn)
+{
+    char sink[256];
+    sys5(SYS_sendto, conn, (long)"stop\n", 5, MSG_NOSIGNAL, 0);
+    for (;;) {
+        struct pollfd one = { conn, POLLIN, 0 };
+        if (sys3(SYS_poll, (long)&one, 1, STOP_TIMEOUT_MS) <= 0
+            || sys3(SYS_read, conn, (long)sink, sizeof sink) <= 0)
+            exit_group(0); /* answered (EOF), or no answer in time: gone either way */
+    }
+}
+
+/* Until the connection has something to read: then 1; a stop signal first: stop_now(). */
+static int readable(int conn, int stops)
+{
+    for (;;) {
+        struct pollfd two[2] = { { stops, POLLIN, 0 }, { conn, POLLIN, 0 } };
+        long n = sys3(SYS_poll, (long)two, 2, -1);
+        if (n == -EINTR)
+            continue;
+        if (n < 0)
+            return 1; /* let the read say what is wrong */
+        if (two[0].revents)
+            stop_now(conn);
+        if (two[1].revents)
+            return 1;
+    }
+}
+
 /* Read the reply frame into `buffer` (MAX_PAYLOAD + 16 bytes), collecting the fds that come
- * with it into held[] (*count of them). Its payload, with *size set; 0 if the connection
- * ended first or the bytes are not a frame (wire.unframe). */
-static char *reply(int conn, char *buffer, size_t *size, int *held, int *count)
+ * with it into held[] (*count of them); a stop signal meanwhile ends the door (stop_now). Its
+ * payload, with *size set; 0 if the connection ended first or the bytes are not a frame
+ * (wire.unframe). */
+static char *reply(int conn, int stops, char *buffer, size_t *size, int *held, int *count)
 {
     union { char bytes[CMSG_HEAD + 4 * MAX_HELD]; unsigned long align; } control;
     size_t got = 0;
     for (;;) {
+        readable(conn, stops);
         struct iovec iov = { buffer + got, MAX_PAYLOAD + 16 - got };
         struct msghdr msg = { 0, 0, &iov, 1, control.bytes, sizeof control.bytes, 0 };
         long n = sys3(SYS_recvmsg, conn, (long)&msg, 0);
@@ -464,8 +525,14 @@ __attribute__((noreturn, used)) void door_main(long argc, char **argv, char **en
         wanted |= flag_in(argv[i], LISTEN_FD_FLAGS);
     int held[MAX_HELD + 1], count = 0;
     char *body = 0;
+    int stops = stop_signals();
+    if (stops < 0) { /* no signalfd: Python, whose handler hears a stop */
+        sys3(SYS_close, conn, 0, 0);
+        fall_back(argv, envp, attached);
+    }
     if (send_request(conn, frame, size, wanted ? listen_fd : -1))
-        body = reply(conn, buffer, &size, held, &count);
+        body = reply(conn, stops, buffer, &size, held, &count);
+    sys3(SYS_close, stops, 0, 0); /* a pending stop stays pending, for whoever comes next */
     if (!body || size < 2 || body[0] != '0' || body[1] != '\n') {
         /* the engine refused, or went away: Python registers again and says why */
         for (int i = 0; i < count && i < MAX_HELD; i++)
