@@ -26,9 +26,11 @@ import zipfile
 from collections.abc import Iterator
 
 import pytest
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
 
 from proxy import __version__
-from proxy.ground.wire import pyproxy_command
+from proxy.ground.wire import WireError, pyproxy_command, unframe
 from proxy.handover import REATTACH_FLAG, WAIT_SHELL_ENV, waiter_binary
 from tests.helpers import (
     PROXY_CWD,
@@ -485,6 +487,89 @@ def test_a_stop_while_the_engines_backlog_is_full_still_exits_0(door, tmp_path):
         for client in queued:
             client.close()
         stuck.close()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+# -- junk for an answer --------------------------------------------------------------------
+
+class JunkEngine:
+    """Answers every registration with the bytes it is given, then closes (in this process,
+    root's, in a directory only root can write: an engine the door trusts)."""
+
+    def __init__(self, path: str) -> None:
+        self.sock = socket.socket(socket.AF_UNIX)
+        self.sock.bind(path)
+        self.sock.listen()
+        self.answer = b""
+
+    def serve_one(self) -> None:
+        conn, _ = self.sock.accept()
+        with conn:
+            conn.settimeout(5)
+            request = b""
+            while not request.endswith(b"\0"):
+                chunk = conn.recv(65536)
+                if not chunk:
+                    return
+                request += chunk
+            conn.sendall(self.answer)
+
+
+def frame(payload: bytes, zeros: int, after: bytes) -> bytes:
+    """`payload` framed with its length (behind `zeros` leading zeros), then `after`."""
+    return b"0" * zeros + str(len(payload)).encode() + b"\n" + payload + after
+
+
+BODIES = st.binary(max_size=40)
+AFTER = st.binary(max_size=8)
+STATUSES = st.sampled_from([b"0\n", b"1\n", b"2\n", b"0", b"00\n", b"3\n", b"", b"\n"])
+REPLIES = st.one_of(
+    st.binary(max_size=64),
+    # registrations, and their lengths zero-padded up to and past the 5 digits allowed
+    st.builds(frame, BODIES.map(lambda body: b"0\n" + body), st.integers(0, 4), AFTER),
+    # the right length around any status line
+    st.builds(frame, st.builds(bytes.__add__, STATUSES | st.binary(max_size=3), BODIES), st.just(0), AFTER),
+    # lengths wrong, too long or not digits, or no whole frame at all
+    st.builds(lambda head, payload: head + b"\n" + payload,
+              st.from_regex(rb"\A[0-9]{0,7}\Z") | st.binary(max_size=6), BODIES),
+)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+@given(answer=REPLIES)
+def test_junk_for_an_answer_goes_on_to_python_unless_it_is_a_registration(door, tmp_path, answer):
+    """Whatever an engine (the door trusts it) answers, the door goes on to the waiter exactly
+    when proxy.ground.wire reads the bytes as a whole status-0 reply (the Python path's own
+    decision), and otherwise hands the spawn to Python; it never crashes or hangs. Here the
+    `pyproxy` beside it only says it was reached (exit 3)."""
+    directory = tmp_path / f"junk-{os.urandom(4).hex()}"
+    directory.mkdir(mode=0o700)
+    with open(door.pyproxy, "w") as f:
+        f.write("#!/bin/sh\nexit 3\n")
+    engine = JunkEngine(str(directory / "engine.sock"))
+    engine.answer = answer
+    try:
+        payload = unframe(answer)
+    except WireError:
+        payload = None
+    registered = payload is not None and payload.startswith(b"0\n")
+    event("a registration" if registered else "not one")
+    read_end, write_end = os.pipe()
+    proc = spawn(docker_args(free_port(), 9), {3: write_end},
+                 env={"PYPROXY_ENGINE_SOCKET": engine.sock.getsockname()}, command=[door.path])
+    os.close(write_end)
+    try:
+        engine.serve_one()
+        status = read_status(read_end)
+        code = proc.wait(timeout=10)
+        # the waiter answers "0\n", then finds the connection closed and, holding nothing,
+        # exits 1; or Python was reached (3) and nothing was said on fd 3
+        assert (status, code) == ((b"0\n", 1) if registered else (b"", 3)), (answer, status, code)
+    finally:
+        os.close(read_end)
+        engine.sock.close()
         if proc.poll() is None:
             proc.kill()
             proc.wait()
