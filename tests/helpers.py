@@ -257,6 +257,15 @@ def spawn_via(path: str, args: list[str], env: dict[str, str] | None = None,
     return Proxy(args, env={"PYPROXY_ENGINE_SOCKET": path, **(env or {})}, **kw)
 
 
+def stopped_cleanly(proc: subprocess.Popen, status_fd: int, port: int) -> None:
+    """What a stop signal at any moment of a spawn must leave: exit 0 (never death by the
+    signal), nothing or "0\\n" told the runtime on fd 3, the port free, no traceback."""
+    status = read_status(status_fd)
+    assert proc.wait(timeout=5) == 0
+    assert status in (b"", b"0\n")
+    assert refused(port)
+    assert b"Traceback" not in output(proc)[1]
+
 def cmdline(pid: int) -> str:
     return read_text(f"/proc/{pid}/cmdline").replace("\0", " ")
 
