@@ -45,6 +45,7 @@ KINDS = ("docker-proxy", "pyproxy", "pyproxy engine")  # "pyproxy": standalone
 # Spawn times also through pyproxy-door (installed beside pyproxy on x86-64): the native front
 # door, registering with the same engine as "pyproxy engine" (its memory is that run's).
 DOOR = "pyproxy door"
+ENGINE_KINDS = ("pyproxy engine", DOOR)  # the kinds whose spawns register with an engine
 # smaps_rollup fields reported per process kind (KiB)
 FIELDS = ("Pss", "Pss_Anon", "Pss_File", "Private_Dirty")
 
@@ -132,8 +133,7 @@ class Run:
         return f"{self.kind} -workers {self.workers}" if self.workers else self.kind
 
     def env(self) -> dict[str, str]:
-        engine = self.kind in ("pyproxy engine", DOOR)
-        return {**os.environ, "PYPROXY_ENGINE_SOCKET": self.socket if engine else ""}
+        return {**os.environ, "PYPROXY_ENGINE_SOCKET": self.socket if self.kind in ENGINE_KINDS else ""}
 
     def command(self, port: int) -> list[str]:
         binary = {"docker-proxy": DOCKER_PROXY, DOOR: door_beside(self.pyproxy)}.get(self.kind, self.pyproxy)
@@ -152,7 +152,7 @@ class Run:
         self.engine = proc
 
     def spawn(self, count: int, batch: int) -> None:
-        if self.kind in ("pyproxy engine", DOOR):  # the door's run: an engine of its own
+        if self.kind in ENGINE_KINDS:  # the door's run too: an engine of its own
             self.start_engine()
         used: set[int] = set()
         while len(self.procs) < count:
@@ -290,8 +290,8 @@ def main() -> int:
         parser.error(f"--kinds: not among {','.join((*KINDS, DOOR))}: {args.kinds}")
     raise_nofile_limit()
     pyproxy = checkout_launcher(args.checkout) if args.checkout else args.pyproxy
-    runs = [Run(kind, pyproxy) for kind in kinds if kind not in ("pyproxy engine", DOOR)]
-    for kind in ("pyproxy engine", DOOR):
+    runs = [Run(kind, pyproxy) for kind in kinds if kind not in ENGINE_KINDS]
+    for kind in ENGINE_KINDS:
         if kind in kinds:
             runs += [Run(kind, pyproxy, int(w)) for w in args.workers.split(",")]
     measure(args.ports, runs, args.batch, print)
