@@ -270,16 +270,18 @@ def metrics_cost(seconds: float, rounds: int, log: Callable[[str], None]) -> dic
 
 
 def side_by_side(name: str, peers: list[Peer], seconds: float, rounds: int,
-                 reference: Callable[[dict[str, float]], float], log: Callable[[str], None]) -> dict[str, Any]:
+                 reference: Callable[[str, dict[str, float]], float], log: Callable[[str], None]
+                 ) -> dict[str, Any]:
     """CPU per unit of work of `peers` measured at the same time: all of them run at once,
-    pinned to the proxy core, each in front of a backend of its own, and each round drives the workload
-    at every one of them together (one load process each, on the load core), reading each
-    one's CPU from /proc/PID/stat around the round and dividing by its own count of work.
+    pinned to the proxy core, each in front of a backend of its own, and each round drives
+    the workload at every one of them together (one load process each, on the load core),
+    reading each one's CPU from /proc/PID/stat around the round and dividing by its own count
+    of work.
     Whatever the host does to the core during a round, it does to all: run one after the
     other a few seconds apart, the same build's CPU per connection moved ±15 % between
     rounds on this shared machine, while side by side the rounds agree to ±2 %.
 
-    Each round's figures are divided by `reference(figures)`; returned per peer: the ratios
+    Each peer's figure of a round is divided by `reference(peer, figures)`; returned per peer: the ratios
     of every round, their median and quartiles, and the median CPU per unit. Rates and
     latencies mean nothing here (the peers share the cores) and are not reported."""
     from concurrent.futures import ThreadPoolExecutor
@@ -305,10 +307,9 @@ def side_by_side(name: str, peers: list[Peer], seconds: float, rounds: int,
                 done = dict(zip(procs, pool.map(work.load, ports.values(), [seconds] * len(ports)), strict=True))
                 per_unit = {peer: (sum(cpu_seconds(p.pid) for p in group) - before[peer]) / done[peer]["units"]
                             for peer, group in procs.items()}
-                ref = reference(per_unit)
                 for peer, cpu in per_unit.items():
                     cpus[peer].append(cpu)
-                    ratios[peer].append(cpu / ref)
+                    ratios[peer].append(cpu / reference(peer, per_unit))
                 log(f"  {name:16} round {round_ + 1}: {work.cpu_label} "
                     + ", ".join(f"{peer} {cpu * work.cpu_scale:.2f} ({ratios[peer][-1]:.3f})"
                                 for peer, cpu in per_unit.items()))
@@ -320,7 +321,7 @@ def side_by_side(name: str, peers: list[Peer], seconds: float, rounds: int,
         quartiles = statistics.quantiles(series, n=4) if len(series) > 1 else series * 3
         results[peer] = {"ratios": series, "median": statistics.median(series), "q1": quartiles[0],
                          "q3": quartiles[2], "cpu_per_unit": statistics.median(cpus[peer])}
-        log(f"  {name:16} {peer:24} {statistics.median(cpus[peer]) * work.cpu_scale:8.2f} {work.cpu_label}, "
+        log(f"  {name:16} {peer:24} {results[peer]['cpu_per_unit'] * work.cpu_scale:8.2f} {work.cpu_label}, "
             f"ratio median {statistics.median(series):.3f} (quartiles {quartiles[0]:.3f}-{quartiles[2]:.3f}, "
             f"{rounds} rounds)")
     return results
@@ -337,15 +338,22 @@ def peers_side_by_side(peers: list[Peer], seconds: float, rounds: int, log: Call
     serving = [p for p in peers if p.command is not None and p.serves("tcp") and p.name != "socat"]
     if not any(p.name == "docker-proxy" for p in serving):
         raise SystemExit("--only side-by-side: needs docker-proxy among the peers (the reference)")
-    return {name: side_by_side(name, serving, seconds, rounds, lambda cpu: cpu["docker-proxy"], log)
+    return {name: side_by_side(name, serving, seconds, rounds, lambda _, cpu: cpu["docker-proxy"], log)
             for name in SIDE_BY_SIDE}
+
+
+def _over_off(peer: str, cpu: dict[str, float]) -> float:
+    """access_log_cost's reference: the control over the other copy with the log off, the
+    logged ones over both."""
+    return cpu["off"] if peer == "off again" else (cpu["off"] + cpu["off again"]) / 2
 
 
 def access_log_cost(seconds: float, rounds: int, log: Callable[[str], None]) -> dict[str, Any]:
     """pyproxy's CPU per unit of work with -access-log on (text and JSON lines) against off
     (issue 16: within 10 %), side by side (see side_by_side): four of the installed pyproxy,
     off, off again (the control: it must come out 1.00, or the places the proxies run in
-    are not alike), text and JSON; the logged ones over the mean of the two that are off."""
+    are not alike), text and JSON; the control over the first, the logged ones over the mean
+    of the two that are off."""
     from peers import _pyproxy
 
     log_dir = tempfile.mkdtemp(prefix="pyproxy-access-log-")
@@ -356,8 +364,7 @@ def access_log_cost(seconds: float, rounds: int, log: Callable[[str], None]) -> 
     results: dict[str, Any] = {}
     try:
         for name in ("new-connections", "http-keepalive"):
-            results[name] = side_by_side(name, peers, seconds, rounds,
-                                         lambda cpu: (cpu["off"] + cpu["off again"]) / 2, log)
+            results[name] = side_by_side(name, peers, seconds, rounds, _over_off, log)
         for mode, path in files.items():  # that the logged ones did log: a line per connection
             with open(path, "rb") as f:
                 results[f"{mode}_lines"] = f.read().count(b"\n")
