@@ -20,7 +20,7 @@ import shutil
 import tempfile
 from typing import Any
 
-from setuptools import setup
+from setuptools import Extension, setup
 from setuptools.dist import Distribution
 
 # Compiled: what runs per TCP connection and per read, per UDP datagram (its Flow a plain
@@ -59,8 +59,10 @@ def compiled() -> dict[str, Any]:
         # pip's first question to a build ("what do you need?") lands here; it installs
         # these, then runs the build again.
         return {"setup_requires": COMPILE_REQUIRES}
-    return {"ext_modules": mypycify(COMPILED, opt_level="3", group_name="proxy_relays",
-                                        target_dir=os.path.join(BUILD, "mypyc"))}
+    native = Extension("proxy.relays._native", ["proxy/relays/_native.c"],
+                       extra_compile_args=["-O2", "-std=gnu11"])
+    return {"ext_modules": [*mypycify(COMPILED, opt_level="3", group_name="proxy_relays",
+                                      target_dir=os.path.join(BUILD, "mypyc")), native]}
 
 
 # setuptools' own build_scripts (its copy of distutils'), found as setup() would find it.

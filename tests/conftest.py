@@ -15,9 +15,12 @@ import uvloop
 
 import proxy
 from proxy.handover import WAIT_SHELL_ENV, wait_shell, waiter_binary
+from proxy.relays import native
 from tests.helpers import INSTALLED, REPO, EchoBackend, Proxy, free_port, reap_spawned
 
 LOOPS = ["uvloop", "asyncio"]
+# The TCP relays a build has: the C one only where it was compiled (PYPROXY_COMPILE=1).
+TCP_RELAYS = ["python", "native"] if native.available() else ["python"]
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -40,6 +43,15 @@ def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> d
 def proxy_loop_env(request: pytest.FixtureRequest) -> dict[str, str]:
     """Subprocess tests run pyproxy on both loops too."""
     return {"PYPROXY_LOOP": request.param}
+
+
+@pytest.fixture(params=TCP_RELAYS)
+def tcp_relay(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """In-process TCP proxies on each TCP relay this build has (proxy.relays.native says which
+    one a mapping gets; PYPROXY_NATIVE=0 keeps the Python one). Pyproxies the test spawns
+    inherit the choice."""
+    monkeypatch.setenv("PYPROXY_NATIVE", "1" if request.param == "native" else "0")
+    return str(request.param)
 
 
 @pytest.fixture(params=["binary", "shell"])

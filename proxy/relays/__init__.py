@@ -13,6 +13,8 @@ from typing import Protocol
 
 from proxy.ground.config import Mapping, Proto, RelayOptions
 from proxy.ground.stats import MappingStats
+from proxy.relays import native
+from proxy.relays.native import NativeTcpListener
 from proxy.relays.sctp import SctpListener
 from proxy.relays.tcp import TcpListener
 from proxy.relays.udp import UdpRelay
@@ -56,5 +58,8 @@ _RELAYS: dict[Proto, _RelayClass] = {"tcp": TcpListener, "udp": UdpRelay, "sctp"
 
 
 def make_relay(mapping: Mapping, port: int, options: RelayOptions, stats: MappingStats) -> Relay:
-    """The relay for `mapping`, published on `port`, built from the per-relay options."""
+    """The relay for `mapping`, published on `port`, built from the per-relay options (TCP:
+    in C where the build has it and the mapping needs nothing only Python does)."""
+    if native.serves(mapping, options):
+        return NativeTcpListener(mapping, port, options, stats)
     return _RELAYS[mapping.proto](mapping, port, options, stats)
