@@ -185,7 +185,11 @@ async def connect_from(source: str, port: int, dest: str = "127.0.0.1") -> bytes
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.bind((source, 0))
     sock.setblocking(False)
-    await asyncio.get_running_loop().sock_connect(sock, (dest, port))
+    try:
+        await asyncio.get_running_loop().sock_connect(sock, (dest, port))
+    except ConnectionResetError:  # a refusal may be quicker than the connect's completion
+        sock.close()
+        return b""
     reader, writer = await asyncio.open_connection(sock=sock)
     writer.write(b"hi")
     writer.write_eof()
