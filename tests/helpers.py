@@ -10,6 +10,7 @@ import contextlib
 import hashlib
 import os
 import random
+import resource
 import select
 import signal
 import socket
@@ -141,6 +142,11 @@ class Proxy:
             self.proc.kill()
             self.proc.wait()
         return output(self.proc)
+
+
+def fd_limit(n: int):  # type: ignore[no-untyped-def]
+    """A preexec_fn: the child's soft and hard RLIMIT_NOFILE, as `ulimit -n n` sets them."""
+    return lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (n, n))
 
 
 def output(proc: subprocess.Popen) -> tuple[bytes, bytes]:

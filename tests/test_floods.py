@@ -5,7 +5,6 @@ the child's, set as `ulimit -n` would), real sockets, sized to run in a few seco
 from __future__ import annotations
 
 import contextlib
-import resource
 import socket
 import subprocess
 import sys
@@ -16,7 +15,7 @@ from collections.abc import Iterator
 import pytest
 
 from proxy.ground.budget import FlowBudget, ephemeral_port_range, flow_limit
-from tests.helpers import EchoBackend, Proxy, exchange, free_port, scrape, value
+from tests.helpers import EchoBackend, Proxy, exchange, fd_limit, free_port, scrape, value
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -129,11 +128,6 @@ def udp_flood(ports: list[int], sources: int) -> Iterator[None]:
         thread.join()
         for s in socks:
             s.close()
-
-
-def fd_limit(n: int):  # type: ignore[no-untyped-def]
-    """A preexec_fn: the child's soft and hard RLIMIT_NOFILE, as `ulimit -n n` sets them."""
-    return lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (n, n))
 
 
 def answers(port: int, questions: int = 20, tries: int = 20) -> int:

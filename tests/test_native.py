@@ -15,6 +15,7 @@ import os
 import random
 import socket
 import struct
+import time
 
 import pytest
 
@@ -23,7 +24,19 @@ from proxy.ground.config import RelayOptions, parse_ip, parse_publish
 from proxy.relays import native
 from proxy.relays.native import NativeTcpListener
 from proxy.relays.tcp import TcpListener
-from tests.helpers import EchoBackend, Proxy, backend, free_port, scrape, sha, silent_listener, tcp_proxy, value
+from tests.helpers import (
+    EchoBackend,
+    Proxy,
+    backend,
+    exchange,
+    fd_limit,
+    free_port,
+    scrape,
+    sha,
+    silent_listener,
+    tcp_proxy,
+    value,
+)
 
 pytestmark = [
     pytest.mark.timeout(60),
@@ -222,10 +235,6 @@ async def test_a_storm_of_clients_ending_every_way_leaves_the_well_behaved_ones_
         assert len(os.listdir("/proc/self/fd")) <= before
 
 
-def fd_limit(n: int):  # type: ignore[no-untyped-def]
-    return lambda: __import__("resource").setrlimit(__import__("resource").RLIMIT_NOFILE, (n, n))
-
-
 def test_out_of_fds_the_relay_backs_off_and_serves_again_once_they_are_free(tmp_path) -> None:
     """Under `ulimit -n 40`, 40 clients held open exhaust the process's fds: some are served,
     the others wait in the accept queue or are reset; none crash the process, the log says it
@@ -262,7 +271,7 @@ def test_out_of_fds_the_relay_backs_off_and_serves_again_once_they_are_free(tmp_
                         break
             except OSError:
                 pass
-            __import__("time").sleep(0.1)
+            time.sleep(0.1)
         else:
             pytest.fail("not served once the fds were free")
         assert p.proc.poll() is None
@@ -274,3 +283,26 @@ def test_out_of_fds_the_relay_backs_off_and_serves_again_once_they_are_free(tmp_
     assert p.proc.returncode == 0 and b"Traceback" not in err
     lines = log_file.read_text().splitlines()
     assert len(lines) < 60, lines[:10]
+
+
+def test_metrics_of_a_c_relayed_mapping(tmp_path) -> None:
+    """/metrics of a pyproxy whose mapping the C relay serves: connections, bytes both ways,
+    the dial histogram and failures, as the Python relay counts them."""
+    echo = EchoBackend()
+    port, metrics = free_port(), free_port()
+    p = Proxy(["-container-ip", "127.0.0.1", "-p", f"127.0.0.1:{port}:{echo.port}",
+               "-metrics-addr", f"127.0.0.1:{metrics}"])
+    try:
+        big = os.urandom(2 * 1024 * 1024)
+        for payload in (b"one", b"two", big):
+            assert exchange("127.0.0.1", port, payload) == payload
+        m = scrape(metrics)
+    finally:
+        echo.close()
+    p.stop()
+    mapping = {"host_port": str(port)}
+    assert value(m, "pyproxy_connections_accepted_total", **mapping) == 3
+    assert value(m, "pyproxy_connections_active", **mapping) == 0
+    assert value(m, "pyproxy_bytes_total", **mapping) == 2 * (6 + len(big))
+    assert value(m, "pyproxy_backend_dial_duration_seconds_count", **mapping) == 3
+    assert value(m, "pyproxy_backend_dial_failures_total", **mapping) == 0
