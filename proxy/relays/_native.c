@@ -424,9 +424,9 @@ static int flush(Relay *r, side_t *s) {
     }
     while (src->piped > 0) {
         ssize_t w = splice(src->pipe_r, NULL, s->fd, NULL, src->piped, SPLICE_FLAGS);
-        if (w < 0) {
-            if (errno == EAGAIN || errno == EINTR) return 0;
-            failed(r, s);
+        if (w <= 0) {
+            if (w < 0 && (errno == EAGAIN || errno == EINTR)) return 0;
+            failed(r, s);  /* (0: the pipe lost what we put in it; never seen, never spun on) */
             return -1;
         }
         src->piped -= (size_t)w;
