@@ -22,7 +22,19 @@ import pytest
 from proxy.ground.sockets import StartupError
 from proxy.relays import native
 from proxy.relays.native import NativeTcpListener
-from tests.helpers import backend, fds_back_to, free_port_block, open_fds, proxy, sha, silent_listener, tcp_proxy
+from tests.helpers import (
+    Proxy,
+    backend,
+    fds_back_to,
+    free_port,
+    free_port_block,
+    open_fds,
+    proxy,
+    sha,
+    silent_listener,
+    tcp_proxy,
+)
+from tests.test_native import fd_limit
 
 pytestmark = [
     pytest.mark.timeout(60),
@@ -402,6 +414,7 @@ async def test_2000_short_connections_as_fast_as_they_come(tcp_relay: str) -> No
         relay = server.relays[0]
         before = open_fds()
         gate = asyncio.Semaphore(200)
+        sent: list[int] = []
         loop = asyncio.get_running_loop()
 
         async def one(i: int) -> bool:
@@ -414,6 +427,7 @@ async def test_2000_short_connections_as_fast_as_they_come(tcp_relay: str) -> No
                     s.close()
                     return True
                 payload = b"%d:" % i + os.urandom(rng.randrange(1, 2000))
+                sent.append(len(payload))
                 reader, writer = await asyncio.open_connection("127.0.0.1", relay.port)
                 writer.write(payload)
                 writer.write_eof()
@@ -424,7 +438,11 @@ async def test_2000_short_connections_as_fast_as_they_come(tcp_relay: str) -> No
         results = await asyncio.gather(*(one(i) for i in range(2000)))
         assert all(results), results.count(False)
         await settled(relay, before)
-        assert relay.stats.accepted == 2000
+        stats = relay.stats
+        assert stats.accepted == 2000
+        assert stats.bytes_from_client == stats.bytes_from_container == sum(sent)
+        # every echo's dial observed; a client that resets at once may leave during its own
+        assert len(sent) <= sum(stats.dial_bucket_counts) <= 2000 and stats.dial_failures == 0
 
 
 # -- stopping ------------------------------------------------------------------------------------
@@ -444,3 +462,168 @@ async def test_a_publication_that_fails_to_open_leaves_no_fd_behind(tcp_relay: s
                                  "-p", f"127.0.0.1:{base}-{base + 1}:{bport}-{bport + 1}"):
                     pass
             assert await fds_back_to(before) == set()
+
+
+# -- limits and shutdown under churn ---------------------------------------------------------------
+
+async def test_dial_timeouts_under_churn(tcp_relay: str) -> None:
+    """60 dials that hang (-dial-timeout 300ms): a third of the clients reset at once, a
+    third send a request and half-close, a third wait. Every client that stayed is reset by
+    the timeout and counted as a dial failure; the ones that left are not; nothing is left."""
+    async with backend():
+        pass  # uvloop's lazily opened fds made before counting
+    with silent_listener() as silent_port:
+        before = open_fds()
+        async with tcp_proxy(silent_port, "-dial-timeout", "300ms") as server:
+            relay = server.relays[0]
+
+            async def one(how: str) -> str:
+                reader, writer = await asyncio.open_connection("127.0.0.1", relay.port)
+                if how == "leaves":
+                    reset(writer)
+                    return "left"
+                if how == "half-closes":
+                    writer.write(b"request")
+                    writer.write_eof()
+                try:
+                    got = await asyncio.wait_for(reader.read(), 10)
+                except ConnectionResetError:
+                    got = None
+                writer.close()
+                return "reset" if got is None else f"read {got!r}"
+
+            kinds = ["leaves", "half-closes", "waits"] * 20
+            results = await asyncio.gather(*(one(k) for k in kinds))
+            assert set(results[1::3] + results[2::3]) == {"reset"}, results
+            assert await until(lambda: relay.open_count == 0)
+            assert relay.stats.dial_failures == 40 and relay.stats.active == 0
+        assert await fds_back_to(before) == set()
+
+
+async def test_max_conns_under_churn(tcp_relay: str) -> None:
+    """-max-conns 10 with 100 clients at once, each holding its connection a moment: never
+    more than 10 open, every client either served or reset, the refusals counted."""
+    async with backend() as bport, tcp_proxy(bport, "-max-conns", "10") as server:
+        relay = server.relays[0]
+        before = open_fds()
+        peak = 0
+
+        async def one(i: int) -> bool:
+            nonlocal peak
+            try:
+                reader, writer = await asyncio.open_connection("127.0.0.1", relay.port)
+            except ConnectionError:
+                return False
+            try:
+                writer.write(b"%d" % i)
+                got = await asyncio.wait_for(reader.read(8), 5)
+                peak = max(peak, relay.open_count)
+                await asyncio.sleep(0.05)
+                writer.write_eof()
+                rest = await asyncio.wait_for(reader.read(), 5)
+            except (ConnectionError, asyncio.IncompleteReadError):
+                writer.close()
+                return False
+            writer.close()
+            if not got:
+                return False  # refused: closed before its first byte came back
+            assert got + rest == b"%d" % i
+            return True
+
+        served = await asyncio.gather(*(one(i) for i in range(100)))
+        assert served.count(True) >= 10 and peak <= 10
+        await settled(relay, before)
+        assert relay.stats.rejected_limit == served.count(False)
+
+
+async def test_a_shutdown_in_the_middle_of_everything_closes_it_all(tcp_relay: str) -> None:
+    """The proxy stops (abort_all) while 90 connections are in every state: dialling,
+    relaying bulk both ways (spliced), blocked on a slow reader, half-closed. Every client
+    sees its connection end, and every fd the proxy had is closed."""
+    async with backend():
+        pass
+    with silent_listener() as silent_port:
+        async with backend() as bport:
+            before = open_fds()
+            clients: list[asyncio.Task[str]] = []
+            payload = os.urandom(8 << 20)
+            stopped = False  # then the slow readers read what is left at once
+
+            async def one(port: int, how: str) -> str:
+                reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                if how != "dialling":
+                    writer.write(payload)
+                if how == "half-closed":
+                    writer.write_eof()
+                try:
+                    while await asyncio.wait_for(reader.read(1 << 16 if how != "slow" else 1024), 10):
+                        if how == "slow" and not stopped:
+                            await asyncio.sleep(0.01)
+                except ConnectionResetError:
+                    pass
+                writer.close()
+                return "ended"
+
+            async with tcp_proxy(bport) as server, tcp_proxy(silent_port) as hanging:
+                port, hport = server.relays[0].port, hanging.relays[0].port
+                for i in range(30):
+                    how = ["bulk", "slow", "half-closed"][i % 3]
+                    clients.append(asyncio.create_task(one(port, how)))
+                    clients.append(asyncio.create_task(one(hport, "dialling")))
+                    clients.append(asyncio.create_task(one(port, "bulk")))
+                assert await until(lambda: hanging.relays[0].open_count == 30)
+                assert server.relays[0].open_count >= 10  # the slow readers' at least
+            stopped = True
+            results = await asyncio.wait_for(asyncio.gather(*clients), 15)
+            assert results == ["ended"] * 90
+            assert await fds_back_to(before) == set()
+
+
+async def test_a_failed_dial_names_its_client_even_once_the_client_has_gone(
+        tcp_relay: str, caplog: pytest.LogCaptureFixture) -> None:
+    """A client half-closes during a dial that hangs, then resets (unseen: a half-closed
+    client is not watched while the dial is under way). When -dial-timeout ends the dial,
+    the warning names the client by the address it came from, as for any other client, not
+    "-" (the socket, reset by then, has no peer to ask for)."""
+    with silent_listener() as silent_port:
+        async with tcp_proxy(silent_port, "-dial-timeout", "300ms") as server:
+            relay = server.relays[0]
+            reader, writer = await asyncio.open_connection("127.0.0.1", relay.port)
+            client_port = writer.get_extra_info("sockname")[1]
+            writer.write_eof()
+            await asyncio.sleep(0.05)
+            reset(writer)
+            assert await until(lambda: relay.stats.dial_failures == 1)
+    [line] = [r.getMessage() for r in caplog.records if "dial" in r.getMessage()]
+    assert f"client 127.0.0.1:{client_port}: dial" in line, line
+
+
+def test_out_of_fds_with_dials_hanging_every_client_still_ends(tmp_path, proxy_loop_env) -> None:  # type: ignore[no-untyped-def]
+    """Under `ulimit -n 40`, 60 clients whose dials hang (-dial-timeout 300ms): the accept
+    runs out of fds and pauses, while the dials under way time out on the same timer and
+    free theirs; the accept then resumes. Every client is reset in the end (none is left
+    waiting in the queue), and the process carries on."""
+    with silent_listener() as silent_port:
+        port = free_port()
+        p = Proxy(["-host-ip", "127.0.0.1", "-host-port", str(port), "-container-ip", "127.0.0.1",
+                   "-container-port", str(silent_port), "-dial-timeout", "300ms",
+                   "-log-file", str(tmp_path / "pyproxy.log")],
+                  env={**proxy_loop_env, "PYPROXY_NATIVE": "1"}, preexec=fd_limit(40))
+        clients = []
+        try:
+            for _ in range(60):
+                c = socket.create_connection(("127.0.0.1", port), timeout=5)
+                c.settimeout(15)
+                clients.append(c)
+            for c in clients:
+                with contextlib.suppress(ConnectionResetError):
+                    assert c.recv(1) == b""
+            assert p.proc.poll() is None
+        finally:
+            for c in clients:
+                c.close()
+        out, err = p.stop()
+    assert p.proc.returncode == 0 and b"Traceback" not in err
+    log = (tmp_path / "pyproxy.log").read_text()
+    assert "Too many open files" in log  # the accept did pause
+    assert log.count(": dial 127.0.0.1:") == 60  # and every client was dialled, and failed
