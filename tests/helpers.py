@@ -427,6 +427,26 @@ def tcp_proxy(backend_port: int, *extra: str, host_ip: str = "127.0.0.1",
                  "-container-port", str(backend_port), *extra)
 
 
+def open_fds() -> set[str]:
+    """This process's descriptors, each with what it is (socket:[inode], a file...)."""
+    fds = set()
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            fds.add(f"{fd} {os.readlink(f'/proc/self/fd/{fd}')}")
+        except OSError:  # the listdir's own, closed by now
+            pass
+    return fds
+
+
+async def fds_back_to(before: set[str]) -> set[str]:
+    """The descriptors opened since `before` and still open, once they have had 5 s to close."""
+    for _ in range(250):
+        if not open_fds() - before:
+            break
+        await asyncio.sleep(0.02)
+    return open_fds() - before
+
+
 def sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 

@@ -14,7 +14,17 @@ import struct
 import pytest
 
 from proxy.relays.tcp import EARLY_DATA_LIMIT, HIGH_WATER, ClientSide, ContainerSide, Dial
-from tests.helpers import backend, echo_after_eof, free_port, needs_ipv6, sha, silent_listener, tcp_proxy
+from tests.helpers import (
+    backend,
+    echo_after_eof,
+    fds_back_to,
+    free_port,
+    needs_ipv6,
+    open_fds,
+    sha,
+    silent_listener,
+    tcp_proxy,
+)
 
 pytestmark = [pytest.mark.timeout(60), pytest.mark.usefixtures("tcp_relay")]
 
@@ -479,26 +489,6 @@ async def test_a_client_accepted_as_the_listener_closes_is_closed_too(turns):
 
 
 # -- every way a connection ends closes both its sockets ---------------------------------------
-
-def open_fds() -> set[str]:
-    """This process's descriptors, each with what it is (socket:[inode], a file...)."""
-    fds = set()
-    for fd in os.listdir("/proc/self/fd"):
-        try:
-            fds.add(f"{fd} {os.readlink(f'/proc/self/fd/{fd}')}")
-        except OSError:  # the listdir's own, closed by now
-            pass
-    return fds
-
-
-async def fds_back_to(before: set[str]) -> set[str]:
-    """The descriptors opened since `before` and still open, once they have had 5 s to close."""
-    for _ in range(250):
-        if not open_fds() - before:
-            break
-        await asyncio.sleep(0.02)
-    return open_fds() - before
-
 
 async def talk(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
