@@ -45,6 +45,8 @@ class Publication:
                 await self._open(mapping)
         except BaseException:
             self.stop_accepting()
+            for relay in self.relays:
+                relay.abort_all()  # the C relay's epoll set and timer too, not only the listener
             # A TCP listener on the standard loop closes its socket a loop turn later (see
             # proxy.relays.tcp._stop_serving): the ports are free before the error is told.
             await asyncio.sleep(0)

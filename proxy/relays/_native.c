@@ -82,6 +82,7 @@ struct conn {
     uint8_t state;
     uint8_t dead;      /* closed; freed at the end of the batch */
     uint8_t client_rdhup;  /* the client's FIN came during the dial (read after it) */
+    struct sockaddr_in6 peer; /* the client's address, from accept4 (a sockaddr_in fits) */
     double started;    /* the dial's start, CLOCK_MONOTONIC seconds */
     conn_t *prev, *next;   /* every open connection */
     conn_t *dprev, *dnext; /* dials under way, oldest first */
@@ -198,19 +199,16 @@ static void report(Relay *r, int kind, PyObject *client, int err) {
 }
 
 /* The client's address as (host, port), for the log line of a failed dial. */
-static PyObject *client_address(int fd) {
-    struct sockaddr_storage ss;
-    socklen_t len = sizeof ss;
+static PyObject *client_address(conn_t *conn) {
+    struct sockaddr_in6 *p = &conn->peer;
     char host[INET6_ADDRSTRLEN];
-    if (getpeername(fd, (struct sockaddr *)&ss, &len) < 0)
-        return NULL;
-    if (ss.ss_family == AF_INET) {
-        struct sockaddr_in *a = (struct sockaddr_in *)&ss;
+    if (p->sin6_family == AF_INET) {
+        struct sockaddr_in *a = (struct sockaddr_in *)p;
         inet_ntop(AF_INET, &a->sin_addr, host, sizeof host);
         return Py_BuildValue("(si)", host, ntohs(a->sin_port));
     }
-    if (ss.ss_family == AF_INET6) {
-        struct sockaddr_in6 *a = (struct sockaddr_in6 *)&ss;
+    if (p->sin6_family == AF_INET6) {
+        struct sockaddr_in6 *a = p;
         inet_ntop(AF_INET6, &a->sin6_addr, host, sizeof host);
         return Py_BuildValue("(si)", host, ntohs(a->sin6_port));
     }
@@ -277,7 +275,7 @@ static void failed(Relay *r, side_t *s) {
 static void dial_failed(Relay *r, conn_t *conn, int err) {
     r->d_dial_failures++;
     r->dirty = 1;
-    PyObject *client = client_address(conn->c.fd);
+    PyObject *client = client_address(conn);
     report(r, EV_DIAL_FAILED, client, err);
     Py_XDECREF(client);
     close_conn(r, conn, 1, 0);
@@ -355,15 +353,24 @@ static void dial(Relay *r, conn_t *conn) {
 static void accept_clients(Relay *r) {
     int one = 1;
     for (int i = 0; i < ACCEPT_BATCH; i++) {
-        int fd = accept4(r->lfd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
+        struct sockaddr_in6 peer;
+        socklen_t peer_len = sizeof peer;
+        int fd = accept4(r->lfd, (struct sockaddr *)&peer, &peer_len, SOCK_NONBLOCK | SOCK_CLOEXEC);
         if (fd < 0) {
             int err = errno;
             if (err == EAGAIN || err == EWOULDBLOCK)
                 return;
-            if (err == EINTR || err == ECONNABORTED || err == EPROTO || err == EPERM)
-                continue;  /* this client is gone (or refused by a firewall): the next */
+            if (err == EINTR || err == ECONNABORTED || err == EPERM || err == EPROTO
+                    || err == ENOPROTOOPT || err == ENETDOWN || err == ENONET
+                    || err == EHOSTDOWN || err == EHOSTUNREACH || err == ENETUNREACH
+                    || err == EOPNOTSUPP)
+                /* This client is gone, refused by a firewall, or brought a network error
+                   that accept(2) hands on from the new socket ("treat as EAGAIN by
+                   retrying"): the next one. */
+                continue;
             /* Out of fds or memory (or the listener broke): the queue stays in the kernel;
-               try again shortly, rather than spin on a listener that stays readable. */
+               try again shortly, rather than spin on a listener that stays readable. The
+               event carries the errno, so the log line tells a shortage from the rest. */
             epoll_ctl(r->epfd, EPOLL_CTL_DEL, r->lfd, NULL);
             r->accepting = 0;
             r->accept_resume = now() + SHORTAGE_PAUSE;
@@ -389,6 +396,8 @@ static void accept_clients(Relay *r) {
         setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
         conn->c = (side_t){.kind = K_SIDE, .is_client = 1, .fd = fd, .pipe_r = -1, .pipe_w = -1,
                            .conn = conn};
+        if (peer_len <= sizeof conn->peer)
+            memcpy(&conn->peer, &peer, peer_len);
         conn->b = (side_t){.kind = K_SIDE, .is_client = 0, .fd = -1, .pipe_r = -1, .pipe_w = -1,
                            .conn = conn};
         conn->next = r->head;
@@ -581,19 +590,26 @@ static int add_to(PyObject *obj, PyObject *name, long long delta) {
 }
 
 /* Add what changed since the last call to the MappingStats object. */
+static int flush_one(PyObject *stats, PyObject *name, long long *delta) {
+    if (*delta == 0) return 0;
+    if (add_to(stats, name, *delta) < 0) return -1;
+    *delta = 0;
+    return 0;
+}
+
 static int flush_stats(Relay *r) {
     if (!r->dirty) return 0;
-    r->dirty = 0;
-    if (add_to(r->stats, s_accepted, r->d_accepted) < 0
-            || add_to(r->stats, s_active, r->d_active) < 0
-            || add_to(r->stats, s_rejected_limit, r->d_rejected_limit) < 0
-            || add_to(r->stats, s_dial_failures, r->d_dial_failures) < 0
-            || add_to(r->stats, s_bytes_from_client, r->d_from_client) < 0
-            || add_to(r->stats, s_bytes_from_container, r->d_from_container) < 0
-            || add_to(r->stats, s_spliced, r->d_spliced) < 0)
+    /* Each delta is zeroed as it lands, so a failure part-way (out of memory) neither
+       loses the rest, kept for the next call, nor counts the landed ones twice. */
+    r->dirty = 1;
+    if (flush_one(r->stats, s_accepted, &r->d_accepted) < 0
+            || flush_one(r->stats, s_active, &r->d_active) < 0
+            || flush_one(r->stats, s_rejected_limit, &r->d_rejected_limit) < 0
+            || flush_one(r->stats, s_dial_failures, &r->d_dial_failures) < 0
+            || flush_one(r->stats, s_bytes_from_client, &r->d_from_client) < 0
+            || flush_one(r->stats, s_bytes_from_container, &r->d_from_container) < 0
+            || flush_one(r->stats, s_spliced, &r->d_spliced) < 0)
         return -1;
-    r->d_accepted = r->d_active = r->d_rejected_limit = r->d_dial_failures = 0;
-    r->d_from_client = r->d_from_container = r->d_spliced = 0;
     PyObject *counts = NULL;
     for (int i = 0; i <= r->nbuckets; i++) {
         if (!r->d_bucket[i]) continue;
@@ -625,13 +641,14 @@ static int flush_stats(Relay *r) {
         if (rc < 0) return -1;
         r->d_dial_sum = 0;
     }
+    r->dirty = 0;
     return 0;
 }
 
 /* Hand the events gathered in this call to on_event, after the relay's own work is done
    (a callback that re-enters abort_all() or stop_accepting() then finds it consistent). */
 static int deliver(Relay *r) {
-    if (PyList_GET_SIZE(r->events) == 0) return 0;
+    if (PyList_GET_SIZE(r->events) == 0 || r->on_event == NULL) return 0;
     PyObject *events = r->events;
     r->events = PyList_New(0);
     if (r->events == NULL) { r->events = events; return -1; }
@@ -797,7 +814,20 @@ static PyObject *Relay_new(PyTypeObject *type, PyObject *args, PyObject *kwds) {
     return (PyObject *)r;
 }
 
+static int Relay_traverse(Relay *r, visitproc visit, void *arg) {
+    Py_VISIT(r->stats);
+    Py_VISIT(r->on_event);
+    Py_VISIT(r->events);
+    return 0;
+}
+
+static int Relay_clear(Relay *r) {
+    Py_CLEAR(r->on_event);
+    return 0;
+}
+
 static void Relay_dealloc(Relay *r) {
+    PyObject_GC_UnTrack(r);
     release(r);
     Py_XDECREF(r->stats);
     Py_XDECREF(r->on_event);
@@ -828,7 +858,9 @@ static PyTypeObject RelayType = {
     PyVarObject_HEAD_INIT(NULL, 0)
     .tp_name = "proxy.relays._native.Relay",
     .tp_basicsize = sizeof(Relay),
-    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_traverse = (traverseproc)Relay_traverse,
+    .tp_clear = (inquiry)Relay_clear,
     .tp_doc = "One TCP listener's connections, accepted, dialled and relayed in C.",
     .tp_new = Relay_new,
     .tp_init = (initproc)Relay_init,

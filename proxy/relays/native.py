@@ -118,8 +118,11 @@ class NativeTcpListener(StreamListener):
                         self.mapping.frontend(), peer, self.backend_text, reason,
                         extra={**mapping_fields(self.mapping), "client": peer, "reason": reason})
         elif kind == _SHORTAGE:
+            # asyncio's own words for a shortage; anything else is the listener failing.
+            shortage = err in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
             self.loop.call_exception_handler({
-                "message": "socket.accept() out of system resource",
+                "message": ("socket.accept() out of system resource" if shortage
+                            else "socket.accept() failed; retrying shortly"),
                 "exception": OSError(err, os.strerror(err)),
             })
         else:  # pragma: no cover  (a new event the C relay learnt and this did not)
