@@ -10,6 +10,7 @@ and every subprocess test of a build that has it runs it: it is the default.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import random
@@ -31,6 +32,7 @@ from tests.helpers import (
     exchange,
     fd_limit,
     free_port,
+    open_fds,
     scrape,
     sha,
     silent_listener,
@@ -177,6 +179,30 @@ async def test_stop_accepting_frees_the_port_and_open_connections_keep_flowing()
         assert await asyncio.wait_for(reader.read(), 5) == b""
         writer.close()
         assert relay.open_count == 0
+
+
+def test_a_relay_dropped_in_a_reference_cycle_is_collected_and_lets_go_of_its_fds() -> None:
+    """The listener holds its C relay and the relay holds the listener's bound method: a
+    cycle that only the garbage collector can break, so the relay must take part in it (or a
+    listener dropped without abort_all() keeps its epoll set and timer for good)."""
+    from proxy.ground.stats import DIAL_BUCKETS, MappingStats
+    from proxy.relays._native import Relay
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        before = open_fds()
+
+        def a_cycle() -> None:
+            holder: list[object] = []
+            core = Relay(sock.fileno(), socket.AF_INET, "127.0.0.1", 9, 0.0, 0, 60,
+                         MappingStats(), DIAL_BUCKETS, lambda *event: holder)
+            holder.append(core)
+            assert gc.is_tracked(core) and len(open_fds() - before) == 2  # epoll set, timer
+
+        a_cycle()
+        gc.collect()
+        assert open_fds() == before
 
 
 # -- attacks ----------------------------------------------------------------------------------------

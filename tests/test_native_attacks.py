@@ -25,6 +25,7 @@ from proxy.relays.native import NativeTcpListener
 from tests.helpers import (
     Proxy,
     backend,
+    fd_limit,
     fds_back_to,
     free_port,
     free_port_block,
@@ -34,7 +35,6 @@ from tests.helpers import (
     silent_listener,
     tcp_proxy,
 )
-from tests.test_native import fd_limit
 
 pytestmark = [
     pytest.mark.timeout(60),
